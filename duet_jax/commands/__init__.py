@@ -1,0 +1,1 @@
+"""CLI subcommands. Each module: ``HELP``, ``add_arguments(parser)``, ``main(args) -> int``."""

@@ -1,0 +1,1 @@
+"""Pallas kernels, installed as ``duet_kernels``; each next to its pure-jnp reference."""
