@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-__all__ = ["seed_key", "fmix32", "sign_words", "signs", "project_reference", "project_pallas"]
+__all__ = ["seed_key", "seed_key_array", "fmix32", "sign_words", "signs", "project_reference", "project_pallas"]
 
 _GOLDEN = 0x9E3779B9
 
@@ -63,6 +63,12 @@ def seed_key(seed: int, salt: int = 0) -> int:
     return _fmix32_py(_u32(seed) * 0x27D4EB2F + 0x165667B1 + _u32(salt) * 0x61C88647)
 
 
+def seed_key_array(seed) -> jax.Array:
+    """:func:`seed_key` (salt 0) computed in jnp from a traced seed: same value, no recompile."""
+    s = jnp.asarray(seed).astype(jnp.uint32)
+    return fmix32(s * jnp.uint32(0x27D4EB2F) + jnp.uint32(0x165667B1))
+
+
 def fmix32(h: jax.Array) -> jax.Array:
     """MurmurHash3's finaliser on a uint32 array (elementwise, wraps modulo 2**32)."""
     h = h ^ (h >> 16)
@@ -73,11 +79,11 @@ def fmix32(h: jax.Array) -> jax.Array:
     return h
 
 
-def sign_words(key: int, rows: jax.Array, words: jax.Array) -> jax.Array:
+def sign_words(key, rows: jax.Array, words: jax.Array) -> jax.Array:
     """The uint32 word holding the signs of columns ``32*w .. 32*w+31`` of row ``i``.
 
     Args:
-      key: :func:`seed_key` of the seed (static int).
+      key: :func:`seed_key` of the seed (static int, or a uint32 scalar array).
       rows: uint32 global row (input coordinate) indices; broadcasts with ``words``.
       words: uint32 word indices (column div 32).
 
@@ -97,7 +103,7 @@ def signs(key: int, rows: jax.Array, cols: jax.Array) -> jax.Array:
     return bit.astype(jnp.float32) * 2.0 - 1.0
 
 
-def _block_signs(key: int, row0: jax.Array, block_rows: int, k: int) -> jax.Array:
+def _block_signs(key, row0: jax.Array, block_rows: int, k: int) -> jax.Array:
     """Signs of rows ``row0 .. row0+block_rows-1``, all ``k`` columns: [block_rows, k] float32."""
     n_words = -(-k // 32)
     rows = (row0 + jnp.arange(block_rows, dtype=jnp.uint32))[:, None]
@@ -108,13 +114,14 @@ def _block_signs(key: int, row0: jax.Array, block_rows: int, k: int) -> jax.Arra
     return s.astype(jnp.float32) * 2.0 - 1.0
 
 
-@functools.partial(jax.jit, static_argnames=("seed", "k", "block_rows"))
-def project_reference(x: jax.Array, *, seed: int, k: int, row_offset=0, block_rows: int = 1024):
+@functools.partial(jax.jit, static_argnames=("k", "block_rows"))
+def project_reference(x: jax.Array, *, seed, k: int, row_offset=0, block_rows: int = 1024):
     """``x @ S[row_offset : row_offset + P] / sqrt(k)`` without forming S (pure jnp).
 
     Args:
       x: [B, P] float array.
-      seed: the projection's seed (static).
+      seed: the projection's seed (int in [0, 2**32) or a traced integer; not static, so a new
+        seed does not recompile).
       k: output dimension (static).
       row_offset: global index of x's first column (int or traced int).
       block_rows: rows of S generated at a time (memory ``block_rows * k`` floats). The result
@@ -125,7 +132,7 @@ def project_reference(x: jax.Array, *, seed: int, k: int, row_offset=0, block_ro
     """
     x = jnp.asarray(x, jnp.float32)
     b, p = x.shape
-    key = seed_key(seed)
+    key = seed_key_array(seed)
     block_rows = max(1, min(block_rows, p))
     n_blocks = -(-p // block_rows)
     pad = n_blocks * block_rows - p
