@@ -24,7 +24,8 @@ score with ``g_q`` the mean validation gradient (:meth:`InfluenceScorer.featuriz
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

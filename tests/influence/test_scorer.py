@@ -238,7 +238,7 @@ def test_adam_preconditioner_is_applied_before_projection():
     nu = state[0].nu
     want_pre = jax.tree_util.tree_map(
         lambda v: 1 / (jnp.sqrt(v / (1 - 0.999**3)) + 1e-8), nu)
-    for a, b in zip(jax.tree_util.tree_leaves(pre), jax.tree_util.tree_leaves(want_pre)):
+    for a, b in zip(jax.tree_util.tree_leaves(pre), jax.tree_util.tree_leaves(want_pre), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5)
 
     ident = InfluenceScorer(_mlp_loss, projector="identity", curvature="adam")

@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from duet_kernels.projection import (
     project_pallas,
     project_reference,
