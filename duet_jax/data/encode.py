@@ -84,6 +84,8 @@ class TokenizedSplit:
       loss_mask: int32 [N, max_length], 1 on answer (and end-of-turn) tokens.
       lengths: int32 [N], real tokens per row.
       prompt_lengths: int32 [N], tokens before the answer starts (for generation).
+      answer_lengths: int32 [N], answer tokens without the template suffix (what multiple-choice
+        scoring sums over: positions ``prompt_lengths <= t < prompt_lengths + answer_lengths``).
       ids: the examples' ids (row order = the order of the kept examples).
       bucket_lengths: the padded lengths in use.
       skipped: ``(example id, tokens needed)`` of examples whose answer alone did not fit.
@@ -95,6 +97,7 @@ class TokenizedSplit:
     loss_mask: np.ndarray
     lengths: np.ndarray
     prompt_lengths: np.ndarray
+    answer_lengths: np.ndarray
     ids: tuple[str, ...]
     bucket_lengths: tuple[int, ...]
     skipped: tuple[tuple[str, int], ...]
@@ -184,7 +187,7 @@ def encode_examples(
 
     L = config.max_length
     fixed = len(prefix) + len(mid) + len(suffix)
-    rows_ids, rows_mask, lengths, p_lens, ids, skipped = [], [], [], [], [], []
+    rows_ids, rows_mask, lengths, p_lens, a_lens, ids, skipped = [], [], [], [], [], [], []
     truncated = 0
     for ex, p, a in zip(examples, p_ids, a_ids, strict=True):
         room = L - fixed - len(a)
@@ -201,6 +204,7 @@ def encode_examples(
         rows_mask.append(mask)
         lengths.append(len(seq))
         p_lens.append(n_before)
+        a_lens.append(len(a))
         ids.append(ex.id)
 
     n = len(ids)
@@ -214,6 +218,7 @@ def encode_examples(
         loss_mask=loss_mask,
         lengths=np.asarray(lengths, dtype=np.int32),
         prompt_lengths=np.asarray(p_lens, dtype=np.int32),
+        answer_lengths=np.asarray(a_lens, dtype=np.int32),
         ids=tuple(ids),
         bucket_lengths=config.bucket_lengths,
         skipped=tuple(skipped),

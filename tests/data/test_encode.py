@@ -28,6 +28,8 @@ def test_loss_mask_is_exactly_the_answer(tok):
         text = tok.decode(answer_ids)
         assert text.strip().startswith(e.answer.strip())
         assert text.rstrip().endswith(tok.eos_token)  # the model learns to stop
+        p0, na = t.prompt_lengths[i], t.answer_lengths[i]
+        assert tok.decode(t.input_ids[i, p0:p0 + na]).strip() == e.answer.strip()
         assert t.loss_mask[i, : t.prompt_lengths[i]].sum() == 0
         assert (t.input_ids[i, n:] == t.pad_id).all() and t.loss_mask[i, n:].sum() == 0
         prompt_text = tok.decode(t.input_ids[i, : t.prompt_lengths[i]])

@@ -1,0 +1,86 @@
+"""Pure functions of (graphdef, LoRA state, frozen state, batch): the answer-slot log-probabilities
+that the trainer, the evaluators and the frozen-trunk cache share.
+
+Frozen trunk: when every adapter sits in layers ``>= start``, the hidden states entering layer
+``start`` do not depend on the adapter, so they are computed once per example
+(:func:`trunk_hidden`) and every fine-tune and evaluation of the run starts from them. This is
+exact: the same float32 operations run in the same order, only once.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from duet_jax.errors import ConfigError
+from duet_jax.models.lora import LoRAParam, lora_layers
+from duet_jax.train.pool import Pool
+
+__all__ = ["split_model", "trunk_start", "slot_logprobs", "trunk_hidden"]
+
+
+def split_model(model) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """``(graphdef, lora_state, frozen_state)`` of a model with adapters attached."""
+    if not lora_layers(model):
+        raise ConfigError("the model has no LoRA adapter; attach one with duet_jax.models.add_lora")
+    return nnx.split(model, LoRAParam, ...)
+
+
+def trunk_start(model) -> int:
+    """The first layer that holds an adapter: layers below it form the frozen trunk."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ConfigError("the model has no LoRA adapter")
+    return min(i for i, _ in layers)
+
+
+def slot_logprobs(graphdef, lora, frozen, batch: Pool, *, start: int = 0,
+                  dropout_key: jax.Array | None = None) -> jax.Array:
+    """float32 ``[B, A]``: log p(target token) at each answer slot (padding slots hold garbage;
+    mask them with ``batch.loss_mask`` / ``batch.score_mask``).
+
+    With ``start > 0`` the batch must carry ``hidden`` (the states entering layer ``start``).
+    """
+    model = nnx.merge(graphdef, lora, frozen)
+    if start > 0:
+        if batch.hidden is None:
+            raise ConfigError(f"start={start} needs the cached hidden states (Pool.hidden)")
+        h = batch.hidden.astype(model.dtype)
+    else:
+        h = model.embed(batch.input_ids)
+    h, _ = model.run_layers(h, attention_mask=batch.attention_mask, start=start,
+                            dropout_key=dropout_key)
+    logits = model.head(h, positions=batch.target_pos)  # [B, A, V] float32
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, batch.targets[..., None], axis=-1)[..., 0]
+    return picked - logz
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "start", "batch_size", "dtype"))
+def _trunk(graphdef, lora, frozen, input_ids, attention_mask, *, start, batch_size, dtype):
+    model = nnx.merge(graphdef, lora, frozen)
+    n, t = input_ids.shape
+    nb = -(-n // batch_size)
+    pad = nb * batch_size - n
+    ids = jnp.pad(input_ids, ((0, pad), (0, 0))).reshape(nb, batch_size, t)
+    att = jnp.pad(attention_mask, ((0, pad), (0, 0))).reshape(nb, batch_size, t)
+
+    def one(args):
+        i, a = args
+        h, _ = model.run_layers(model.embed(i), attention_mask=a, start=0, end=start)
+        return h.astype(dtype)
+
+    out = jax.lax.map(one, (ids, att))
+    return out.reshape(nb * batch_size, t, -1)[:n]
+
+
+def trunk_hidden(graphdef, lora, frozen, pool: Pool, *, start: int, batch_size: int = 16,
+                 dtype=jnp.float32) -> jax.Array:
+    """Hidden states ``[N, T, D]`` entering layer ``start`` for every pool row (one compiled pass)."""
+    if start <= 0:
+        raise ConfigError("the frozen trunk is empty (an adapter sits in layer 0)")
+    return _trunk(graphdef, lora, frozen, pool.input_ids, pool.attention_mask, start=start,
+                  batch_size=int(batch_size), dtype=jnp.dtype(dtype))

@@ -1,0 +1,107 @@
+"""Fine-tuning inside jit: learns, deterministic, one compile per size, k adapters, frozen trunk
+exact, NaN stops with an error, bad mixtures refused."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from duet_jax.errors import ConfigError, TrainingError
+from duet_jax.train import (TrainConfig, answer_loss, build_pool, finetune, finetune_many,
+                            restore_checkpoint, save_checkpoint, slot_logprobs)
+from duet_jax.train import trainer as ft_module
+
+CFG = TrainConfig(epochs=4, batch_size=8, learning_rate=1e-2, warmup_ratio=0.0)
+
+
+def test_frozen_trunk_cache_equals_full_forward(setup):
+    s = setup
+    rows = jnp.arange(16)
+    full = slot_logprobs(s["g"], s["lora"], s["frozen"], s["pool"].take(rows), start=0)
+    cached = slot_logprobs(s["g"], s["lora"], s["frozen"], s["cached"].take(rows), start=s["start"])
+    m = s["pool"].loss_mask[:16]
+    assert float(jnp.max(jnp.abs((full - cached) * m))) < 1e-5
+
+
+def test_learns_and_is_deterministic(setup):
+    s = setup
+    idx = jnp.arange(48)
+    before = answer_loss(s["g"], s["lora"], s["frozen"], s["cached"], start=s["start"])["loss"]
+    r1 = finetune(s["g"], s["lora"], s["frozen"], s["cached"], idx, jax.random.key(0), CFG, start=s["start"])
+    after = answer_loss(s["g"], r1.lora, s["frozen"], s["cached"], start=s["start"])["loss"]
+    assert after < before - 0.3
+    assert r1.losses.shape == (24,) and float(r1.losses[-1]) < float(r1.losses[0])
+    r2 = finetune(s["g"], s["lora"], s["frozen"], s["cached"], idx, jax.random.key(0), CFG, start=s["start"])
+    for a, b in zip(jax.tree.leaves(r1.lora), jax.tree.leaves(r2.lora)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))  # bit for bit
+    r3 = finetune(s["g"], s["lora"], s["frozen"], s["cached"], idx, jax.random.key(1), CFG, start=s["start"])
+    assert not all(np.array_equal(np.asarray(a), np.asarray(b))
+                   for a, b in zip(jax.tree.leaves(r1.lora), jax.tree.leaves(r3.lora)))
+
+
+def test_full_model_and_cache_train_the_same(setup):
+    s = setup
+    cfg = TrainConfig(steps=3, batch_size=8, learning_rate=1e-2)
+    idx = jnp.arange(0, 48, 2)
+    a = finetune(s["g"], s["lora"], s["frozen"], s["pool"], idx, jax.random.key(3), cfg, start=0)
+    b = finetune(s["g"], s["lora"], s["frozen"], s["cached"], idx, jax.random.key(3), cfg, start=s["start"])
+    assert np.allclose(np.asarray(a.losses), np.asarray(b.losses), atol=1e-5)
+
+
+def test_new_mixture_same_size_does_not_recompile(setup):
+    s = setup
+    cfg = TrainConfig(steps=2, batch_size=8)
+    finetune(s["g"], s["lora"], s["frozen"], s["cached"], jnp.arange(16), jax.random.key(0), cfg, start=s["start"])
+    before = ft_module._finetune_jit._cache_size()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        idx = rng.integers(0, 48, size=16)
+        finetune(s["g"], s["lora"], s["frozen"], s["cached"], idx, jax.random.key(i), cfg, start=s["start"])
+    assert ft_module._finetune_jit._cache_size() == before
+
+
+def test_k_adapters_match_single_calls(setup):
+    s = setup
+    cfg = TrainConfig(steps=3, batch_size=8, learning_rate=5e-3)
+    idx = jnp.stack([jnp.arange(16), jnp.arange(16, 32)])
+    keys = jax.random.split(jax.random.key(5), 2)
+    many = finetune_many(s["g"], s["lora"], s["frozen"], s["cached"], idx, keys, cfg, start=s["start"])
+    assert many.losses.shape == (2, 3)
+    one = finetune(s["g"], s["lora"], s["frozen"], s["cached"], idx[1], keys[1], cfg, start=s["start"])
+    assert np.allclose(np.asarray(many.losses[1]), np.asarray(one.losses), atol=1e-5)
+    ev = answer_loss(s["g"], many.lora, s["frozen"], s["cached"], start=s["start"])
+    assert ev["loss"].shape == (2,)
+
+
+def test_nan_loss_stops_with_step_and_lr(setup):
+    s = setup
+    poisoned = s["cached"].with_hidden(s["cached"].hidden.at[40].set(jnp.nan))
+    cfg = TrainConfig(epochs=1, batch_size=8, learning_rate=1e-3, warmup_ratio=0.0, schedule="constant")
+    with pytest.raises(TrainingError, match=r"step \d+ of 6 \(adapter 0, learning rate 0.001\)"):
+        finetune(s["g"], s["lora"], s["frozen"], poisoned, jnp.arange(48), jax.random.key(0), cfg,
+                 start=s["start"])
+    # without the poisoned row the same call succeeds
+    finetune(s["g"], s["lora"], s["frozen"], poisoned, jnp.arange(40), jax.random.key(0), cfg, start=s["start"])
+
+
+def test_bad_mixtures(setup):
+    s = setup
+    for idx, msg in [(jnp.zeros((0,), jnp.int32), "empty"), (jnp.arange(4), "fewer than one batch"),
+                     (jnp.array([0, 1, 2, 3, 4, 5, 6, 999]), "indices")]:
+        with pytest.raises(ConfigError, match=msg):
+            finetune(s["g"], s["lora"], s["frozen"], s["cached"], idx, jax.random.key(0), CFG, start=s["start"])
+    with pytest.raises(ConfigError, match="frozen-trunk cache"):
+        finetune(s["g"], s["lora"], s["frozen"], s["pool"], jnp.arange(8), jax.random.key(0), CFG, start=s["start"])
+
+
+def test_checkpoint_round_trip(setup, tmp_path):
+    s = setup
+    r = finetune(s["g"], s["lora"], s["frozen"], s["cached"], jnp.arange(16), jax.random.key(0),
+                 TrainConfig(steps=2, batch_size=8), start=s["start"])
+    save_checkpoint(tmp_path / "ck", r.lora, r.opt_state, step=2, metadata={"ratio": [0.5, 0.5]})
+    lora, opt, step, meta = restore_checkpoint(tmp_path / "ck", s["lora"], r.opt_state)
+    assert step == 2 and meta["ratio"] == [0.5, 0.5]
+    for a, b in zip(jax.tree.leaves(r.lora), jax.tree.leaves(lora)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(jax.tree.leaves(r.opt_state), jax.tree.leaves(opt)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
