@@ -100,7 +100,7 @@ def _torch_lora_mlp_grads(frozen, lora, batch):
 
     w = torch.from_numpy(frozen["w"])
     v = torch.from_numpy(frozen["v"])
-    p = {k: torch.from_numpy(np.asarray(x)) for k, x in lora.items()}
+    p = {k: torch.from_numpy(np.array(x)) for k, x in lora.items()}
     x = torch.from_numpy(batch["x"])
     y = torch.from_numpy(batch["y"])
 
