@@ -117,7 +117,10 @@ class InfluenceScorer:
 
     Args:
       loss_fn: pure function of a parameter pytree and ONE example (a pytree of arrays without
-        the batch axis); returns a scalar loss.
+        the batch axis); returns a scalar loss. When :meth:`featurize` gets ``context=...``, it is
+        called as ``loss_fn(params, example, context)``: pass large fixed inputs (frozen base
+        weights) this way, as traced arguments, rather than closing over them, which would bake
+        them into the compiled program as constants.
       proj_dim: k, the projected dimension (ignored for ``projector="identity"``).
       projector: one of ``identity, dense, dense_gaussian, sjlt, chunked, pallas``
         (see :mod:`duet_jax.influence.projectors`).
@@ -268,11 +271,12 @@ class InfluenceScorer:
     def _make_featurize(self, proj: Projector):
         loss_fn, loss_mask, bs = self.loss_fn, self.loss_mask, self.options.batch_size
 
-        def featurize(params, batch, precondition, proj_state):
+        def featurize(params, batch, precondition, proj_state, context):
             self.trace_count += 1
 
             def grad_one(ex):
-                return ravel_pytree(jax.grad(loss_fn)(params, ex))[0].astype(jnp.float32)
+                fn = loss_fn if context is None else (lambda p, e: loss_fn(p, e, context))
+                return ravel_pytree(jax.grad(fn)(params, ex))[0].astype(jnp.float32)
 
             def chunk(exs):
                 g = jax.vmap(grad_one)(exs)  # [bs, P]
@@ -319,7 +323,8 @@ class InfluenceScorer:
             raise InfluenceError("batch has 0 examples; expected B >= 1")
         return b
 
-    def featurize(self, params, batch, *, precondition: Any = None, return_flags: bool = False):
+    def featurize(self, params, batch, *, precondition: Any = None, return_flags: bool = False,
+                  context: Any = None):
         """Projected per-example gradients.
 
         Args:
@@ -330,6 +335,8 @@ class InfluenceScorer:
             for LESS's ``adam`` curvature (training examples only).
           return_flags: also return ``valid: [B] bool`` (False: non-finite gradient or no loss
             tokens; the feature row is then all zeros, so its score is 0).
+          context: optional pytree passed to ``loss_fn`` as a third argument (traced, not
+            differentiated).
 
         Returns:
           ``features: [B, k]`` float32, or ``(features, valid)``.
@@ -344,7 +351,7 @@ class InfluenceScorer:
                 raise InfluenceError(
                     f"precondition must have the parameters' size P={p}; got {pre.shape}"
                 )
-        features, valid = fn(params, batch, pre, state)
+        features, valid = fn(params, batch, pre, state, context)
         return (features, valid) if return_flags else features
 
     def featurize_query(
@@ -355,6 +362,7 @@ class InfluenceScorer:
         hessian_batch: Any = None,
         mean: bool = False,
         return_flags: bool = False,
+        context: Any = None,
     ):
         """Query features: projected gradients, or for ``ihvp`` projected ``(H+lambda I)^-1 g``.
 
@@ -375,12 +383,14 @@ class InfluenceScorer:
         """
         o = self.options
         if o.curvature != "ihvp":
-            f, ok = self.featurize(params, batch, return_flags=True)
+            f, ok = self.featurize(params, batch, return_flags=True, context=context)
             if mean:
                 f = _masked_mean_rows(f, ok)
             return (f, ok) if return_flags else f
         if hessian_batch is None:
             raise InfluenceError("curvature 'ihvp' needs hessian_batch= (training examples)")
+        if context is not None:
+            raise InfluenceError("curvature 'ihvp' does not take context=; close over it instead")
         self._check_batch(batch)
         self._check_batch(hessian_batch)
         g = per_example_grads(self.loss_fn, params, batch, o.batch_size)

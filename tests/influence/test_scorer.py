@@ -304,3 +304,25 @@ def test_bad_inputs_raise_influence_errors():
         s.score(np.zeros((3, 4)), np.zeros((2, 5)))
     with pytest.raises(InfluenceError, match="leading example axis"):
         s.featurize(p, {"x": jnp.ones((3, 5)), "y": jnp.ones(2)})
+
+
+def test_context_is_passed_as_a_traced_argument():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from duet_jax.influence import InfluenceScorer
+
+    def loss3(w, ex, ctx):
+        return jnp.sum((ex["x"] @ (w * ctx["scale"]) - ex["y"]) ** 2)
+
+    x = jax.random.normal(jax.random.PRNGKey(1), (12, 5))
+    batch = {"x": x, "y": x[:, 0]}
+    w = jnp.ones(5)
+    sc = InfluenceScorer(loss3, projector="identity")
+    f2 = sc.featurize(w, batch, context={"scale": jnp.full(5, 2.0)})
+    f3 = sc.featurize(w, batch, context={"scale": jnp.full(5, 3.0)})
+    closed = InfluenceScorer(lambda w_, e: loss3(w_, e, {"scale": jnp.full(5, 3.0)}), projector="identity")
+    assert np.allclose(np.asarray(f3), np.asarray(closed.featurize(w, batch)), atol=1e-5)
+    assert not np.allclose(np.asarray(f2), np.asarray(f3))
+    assert sc.trace_count == 1  # a new context value does not recompile
