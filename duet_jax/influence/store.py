@@ -251,6 +251,7 @@ def featurize_into_store(
     *,
     precondition: Any = None,
     progress: Callable[[int, int], None] | None = None,
+    context: Any = None,
 ) -> FeatureStore:
     """Featurize ``examples`` chunk by chunk into ``store``, skipping chunks already done.
 
@@ -264,6 +265,7 @@ def featurize_into_store(
       store: an open :class:`FeatureStore` whose ``dim`` is the scorer's output dimension.
       precondition: passed to :meth:`InfluenceScorer.featurize`.
       progress: called as ``progress(done_chunks, num_chunks)`` after each chunk.
+      context: passed to :meth:`InfluenceScorer.featurize` (fixed inputs such as frozen weights).
 
     Returns:
       The store (complete).
@@ -281,7 +283,8 @@ def featurize_into_store(
         idx = np.arange(s, s + store.chunk_size)
         idx = np.where(idx < e, idx, s + (idx - s) % (e - s))
         chunk = jax.tree_util.tree_map(lambda x, idx=idx: np.asarray(x)[idx], examples)
-        f, ok = scorer.featurize(params, chunk, precondition=precondition, return_flags=True)
+        f, ok = scorer.featurize(params, chunk, precondition=precondition, return_flags=True,
+                                 context=context)
         store.write_chunk(i, np.asarray(f)[: e - s], np.asarray(ok)[: e - s])
         done += 1
         if progress is not None:
