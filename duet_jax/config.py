@@ -42,10 +42,10 @@ class LoRASection:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainSection:
-    epochs: float = _f(1.0, "passes over each mixture")
+    epochs: float = _f(2.0, "passes over each mixture")
     batch_size: int = _f(8, "examples per micro-batch")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
-    learning_rate: float = _f(3e-4, "peak AdamW learning rate")
+    learning_rate: float = _f(1e-3, "peak AdamW learning rate")
     warmup_ratio: float = _f(0.1, "fraction of steps of linear warm-up")
     schedule: str = _f("cosine", "cosine, linear or constant after warm-up")
     weight_decay: float = _f(0.0, "AdamW weight decay")
@@ -73,9 +73,9 @@ class InfluenceSection:
     projector: str = _f("sjlt", "identity, dense, dense_gaussian, sjlt, chunked, pallas")
     curvature: str = _f("fisher", "identity, cosine, adam, fisher (TRAK), ihvp (small models)")
     damping: float = _f(1e-3, "damping lambda of the curvature")
-    proxy_examples: int = _f(128, "examples (with repeats) in each domain's proxy fine-tune")
+    proxy_examples: int = _f(64, "examples (with repeats) in each domain's proxy fine-tune")
     proxy_epochs: float = _f(1.0, "epochs of the proxy fine-tune")
-    validation_examples: int = _f(64, "validation examples per domain for the query gradient")
+    validation_examples: int = _f(16, "validation examples per domain for the query gradient")
     chunk_size: int = _f(64, "examples per featurize chunk (the resumable unit)")
     seed: int = _f(0, "projection seed")
 
@@ -83,7 +83,7 @@ class InfluenceSection:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FeedbackSection:
     metric: str = _f("acc_norm", "built-in task metric: acc, acc_norm, exact_match, neg_loss")
-    examples: int = _f(64, "evaluation examples of the unseen task used for feedback (0: all)")
+    examples: int = _f(48, "evaluation examples of the unseen task used for feedback (0: all)")
     temperature: float = _f(0.0, "exact_match: sampling temperature (>0: noisy feedback, as the paper)")
     max_new_tokens: int = _f(32, "exact_match: generated tokens")
     command: str | None = _f(None, "external feedback command, e.g. 'my_eval.sh {adapter_dir}'; it "
@@ -116,7 +116,7 @@ class RunConfig:
     if_temperature: float = _f(1.0, "IF sampling temperature (<1 sharpens the weights)")
     harmful_fraction: float = _f(0.2, "remove_harmful: lowest-IF fraction dropped per domain")
     replace: bool = _f(True, "sample with replacement inside domains")
-    train_per_domain: int = _f(96, "cap on each domain's train examples in the pool (0: all)")
+    train_per_domain: int = _f(64, "cap on each domain's train examples in the pool (0: all)")
     validation: float = _f(0.1, "validation split size (fraction, or count if >= 1)")
     evaluation: float = _f(0.2, "evaluation split size (fraction, or count if >= 1)")
     seed: int = _f(0, "seed of everything (splits are content-hashed and do not depend on it)")

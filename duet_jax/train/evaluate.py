@@ -41,35 +41,69 @@ def is_stacked(lora, reference_leaf_ndim: int | None = None) -> bool:
     return leaf.ndim == 3  # LoRA matrices are 2-D per adapter
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "start", "batch_size"))
-def _scores_jit(graphdef, lora, frozen, pool: Pool, *, start: int, batch_size: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "start", "batch_size", "head_chunk"))
+def _scores_jit(graphdef, lora, frozen, pool: Pool, flat_row, flat_slot, flat_valid, *, start: int,
+                batch_size: int, head_chunk: int = 256):
+    """Two phases: the trained layers for every row (in chunks), then the LM head only on the
+    answer slots that carry a weight, gathered into one flat list ``[K]`` (K fixed per pool)."""
+    model = nnx.merge(graphdef, lora, frozen)
     n = len(pool)
     nb = -(-n // batch_size)
     pad = nb * batch_size - n
     padded = jax.tree.map(lambda a: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)), pool)
     chunks = jax.tree.map(lambda a: a.reshape((nb, batch_size) + a.shape[1:]), padded)
 
-    def one_adapter(lo):
-        def one(batch):
-            lp = slot_logprobs(graphdef, lo, frozen, batch, start=start)
-            return (jnp.sum(-lp * batch.loss_mask, -1), jnp.sum(batch.loss_mask, -1),
-                    jnp.sum(lp * batch.score_mask, -1))
-        out = jax.lax.map(one, chunks)
-        return jax.tree.map(lambda a: a.reshape(-1)[:n], out)
+    def layers(batch: Pool):
+        h = batch.hidden.astype(model.dtype) if start > 0 else model.embed(batch.input_ids)
+        h, _ = model.run_layers(h, attention_mask=batch.attention_mask, start=start)
+        return h
 
-    return one_adapter(lora)
+    h = jax.lax.map(layers, chunks).reshape((nb * batch_size,) + (pool.length, -1))
+    pos = pool.target_pos[flat_row, flat_slot]
+    tgt = pool.targets[flat_row, flat_slot]
+    hk = h[flat_row, pos]  # [K, D]
+    K = flat_row.shape[0]
+    kc = K // head_chunk
+
+    def head(args):
+        x, t = args
+        logits = model.head(x[None])[0]  # [c, V] float32
+        return jnp.take_along_axis(logits, t[:, None], -1)[:, 0] - jax.nn.logsumexp(logits, -1)
+
+    lp = jax.lax.map(head, (hk.reshape(kc, head_chunk, -1), tgt.reshape(kc, head_chunk))).reshape(K)
+    lw = pool.loss_mask[flat_row, flat_slot] * flat_valid
+    sw = pool.score_mask[flat_row, flat_slot] * flat_valid
+    nll = jax.ops.segment_sum(-lp * lw, flat_row, num_segments=n)
+    cnt = jax.ops.segment_sum(lw, flat_row, num_segments=n)
+    score = jax.ops.segment_sum(lp * sw, flat_row, num_segments=n)
+    return nll, cnt, score
 
 
-def row_scores(graphdef, lora, frozen, pool: Pool, *, start: int = 0, batch_size: int = 16):
+def _flat_slots(pool: Pool, head_chunk: int):
+    """(row, slot, valid) of every slot with a loss or score weight, padded to a multiple of
+    ``head_chunk`` with entries whose ``valid`` is 0."""
+    w = np.asarray(pool.loss_mask) + np.asarray(pool.score_mask)
+    rows, slots = np.nonzero(w > 0)
+    K = max(-(-rows.size // head_chunk) * head_chunk, head_chunk)
+    pad = K - rows.size
+    valid = np.concatenate([np.ones(rows.size, np.float32), np.zeros(pad, np.float32)])
+    rows = np.concatenate([rows, np.zeros(pad, rows.dtype)]).astype(np.int32)
+    slots = np.concatenate([slots, np.zeros(pad, slots.dtype)]).astype(np.int32)
+    return jnp.asarray(rows), jnp.asarray(slots), jnp.asarray(valid)
+
+
+def row_scores(graphdef, lora, frozen, pool: Pool, *, start: int = 0, batch_size: int = 16,
+               head_chunk: int = 256):
     """Per pool row: ``(nll_sum, n_loss_tokens, answer_logprob)``, each float32 ``[N]`` (or
-    ``[k, N]`` for stacked adapters)."""
+    ``[k, N]`` for stacked adapters). The LM head runs only on weighted answer slots."""
     if start > 0 and pool.hidden is None:
         raise ConfigError(f"start={start} needs the frozen-trunk cache in pool.hidden")
+    fr, fs, fv = _flat_slots(pool, head_chunk)
+    fn = functools.partial(_scores_jit, graphdef, frozen=frozen, pool=pool, flat_row=fr, flat_slot=fs,
+                           flat_valid=fv, start=start, batch_size=batch_size, head_chunk=head_chunk)
     if is_stacked(lora):
-        return jax.lax.map(
-            lambda lo: _scores_jit(graphdef, lo, frozen, pool, start=start, batch_size=batch_size),
-            lora)
-    return _scores_jit(graphdef, lora, frozen, pool, start=start, batch_size=batch_size)
+        return jax.lax.map(lambda lo: fn(lora=lo), lora)
+    return fn(lora=lora)
 
 
 def answer_loss(graphdef, lora, frozen, pool: Pool, *, start: int = 0, batch_size: int = 16) -> dict:

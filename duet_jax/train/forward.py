@@ -13,6 +13,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from duet_jax.errors import ConfigError
@@ -59,28 +60,38 @@ def slot_logprobs(graphdef, lora, frozen, batch: Pool, *, start: int = 0,
     return picked - logz
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "start", "batch_size", "dtype"))
-def _trunk(graphdef, lora, frozen, input_ids, attention_mask, *, start, batch_size, dtype):
+@functools.partial(jax.jit, static_argnames=("graphdef", "start", "dtype"))
+def _trunk_chunk(graphdef, lora, frozen, input_ids, attention_mask, *, start, dtype):
     model = nnx.merge(graphdef, lora, frozen)
-    n, t = input_ids.shape
-    nb = -(-n // batch_size)
-    pad = nb * batch_size - n
-    ids = jnp.pad(input_ids, ((0, pad), (0, 0))).reshape(nb, batch_size, t)
-    att = jnp.pad(attention_mask, ((0, pad), (0, 0))).reshape(nb, batch_size, t)
-
-    def one(args):
-        i, a = args
-        h, _ = model.run_layers(model.embed(i), attention_mask=a, start=0, end=start)
-        return h.astype(dtype)
-
-    out = jax.lax.map(one, (ids, att))
-    return out.reshape(nb * batch_size, t, -1)[:n]
+    h, _ = model.run_layers(model.embed(input_ids), attention_mask=attention_mask, start=0, end=start)
+    return h.astype(dtype)
 
 
 def trunk_hidden(graphdef, lora, frozen, pool: Pool, *, start: int, batch_size: int = 16,
-                 dtype=jnp.float32) -> jax.Array:
-    """Hidden states ``[N, T, D]`` entering layer ``start`` for every pool row (one compiled pass)."""
+                 dtype=jnp.float32, bucket: int = 32) -> jax.Array:
+    """Hidden states ``[N, T, D]`` entering layer ``start`` for every pool row.
+
+    Rows are grouped by length, rounded up to a multiple of ``bucket``, and each group runs at its
+    own length in chunks of ``batch_size`` rows: padding costs little, and there is one compiled
+    program per length bucket. Positions past a row's length hold zeros (they are masked).
+    """
     if start <= 0:
         raise ConfigError("the frozen trunk is empty (an adapter sits in layer 0)")
-    return _trunk(graphdef, lora, frozen, pool.input_ids, pool.attention_mask, start=start,
-                  batch_size=int(batch_size), dtype=jnp.dtype(dtype))
+    ids = np.asarray(pool.input_ids)
+    att = np.asarray(pool.attention_mask)
+    n, t = ids.shape
+    lengths = att.sum(1)
+    padded = np.minimum(-(-np.maximum(lengths, 1) // bucket) * bucket, t)
+    out = None
+    for L in sorted(set(padded.tolist())):
+        rows = np.flatnonzero(padded == L)
+        for s in range(0, rows.size, batch_size):
+            chunk = rows[s:s + batch_size]
+            full = np.resize(chunk, batch_size)  # pad the last chunk with repeats (same shape)
+            h = _trunk_chunk(graphdef, lora, frozen, jnp.asarray(ids[full, :L]),
+                             jnp.asarray(att[full, :L]), start=int(start), dtype=jnp.dtype(dtype))
+            h = np.asarray(h)
+            if out is None:
+                out = np.zeros((n, t, h.shape[-1]), h.dtype)
+            out[chunk, :L] = h[: chunk.size]
+    return jnp.asarray(out)

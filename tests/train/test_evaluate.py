@@ -48,6 +48,12 @@ def test_answer_loss_is_token_weighted(setup):
     nll, cnt, _ = (np.asarray(x) for x in row_scores(s["g"], s["lora"], s["frozen"], s["pool"]))
     assert out["loss"] == pytest.approx(nll.sum() / cnt.sum(), rel=1e-6)
     assert out["perplexity"] == pytest.approx(np.exp(out["loss"]))
+    # the flat answer-slot head equals the per-slot forward used in training
+    from duet_jax.train import slot_logprobs
+
+    lp = np.asarray(slot_logprobs(s["g"], s["lora"], s["frozen"], s["pool"]))
+    direct = -(lp * np.asarray(s["pool"].loss_mask)).sum(-1)
+    assert np.allclose(nll, direct, atol=1e-4)
 
 
 def test_generation_match_runs_and_scores(setup, tok):

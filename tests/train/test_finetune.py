@@ -8,7 +8,7 @@ import pytest
 
 from duet_jax.errors import ConfigError, TrainingError
 from duet_jax.train import (TrainConfig, answer_loss, build_pool, finetune, finetune_many,
-                            restore_checkpoint, save_checkpoint, slot_logprobs)
+                            restore_checkpoint, save_checkpoint, slot_logprobs, trunk_hidden)
 from duet_jax.train import trainer as ft_module
 
 CFG = TrainConfig(epochs=4, batch_size=8, learning_rate=1e-2, warmup_ratio=0.0)
@@ -21,6 +21,11 @@ def test_frozen_trunk_cache_equals_full_forward(setup):
     cached = slot_logprobs(s["g"], s["lora"], s["frozen"], s["cached"].take(rows), start=s["start"])
     m = s["pool"].loss_mask[:16]
     assert float(jnp.max(jnp.abs((full - cached) * m))) < 1e-5
+    # length buckets (many small ones vs one) give the same states at the real positions
+    fine = trunk_hidden(s["g"], s["lora"], s["frozen"], s["pool"], start=s["start"], bucket=8)
+    one = trunk_hidden(s["g"], s["lora"], s["frozen"], s["pool"], start=s["start"], bucket=1024)
+    real = np.asarray(s["pool"].attention_mask)[..., None] > 0
+    assert np.abs(np.where(real, np.asarray(fine) - np.asarray(one), 0)).max() < 1e-5
 
 
 def test_learns_and_is_deterministic(setup):
