@@ -35,7 +35,8 @@ class LoRASection:
     rank: int = _f(8, "LoRA rank r")
     alpha: float = _f(16.0, "LoRA alpha (update scaled by alpha/r)")
     dropout: float = _f(0.0, "LoRA dropout on the adapter input during training")
-    targets: list = _f(["q", "k", "v", "o"], "projections with adapters: any of q,k,v,o,gate,up,down")
+    targets: list = _f(["q", "k", "v", "o", "gate", "up", "down"],
+                       "projections with adapters: any of q,k,v,o,gate,up,down")
     last_layers: int | None = _f(2, "adapters on the last L layers only (the rest is a frozen trunk, "
                                     "computed once); null for all layers")
 
@@ -45,7 +46,7 @@ class TrainSection:
     epochs: float = _f(2.0, "passes over each mixture")
     batch_size: int = _f(8, "examples per micro-batch")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
-    learning_rate: float = _f(1e-3, "peak AdamW learning rate")
+    learning_rate: float = _f(2e-3, "peak AdamW learning rate")
     warmup_ratio: float = _f(0.1, "fraction of steps of linear warm-up")
     schedule: str = _f("cosine", "cosine, linear or constant after warm-up")
     weight_decay: float = _f(0.0, "AdamW weight decay")
@@ -82,7 +83,8 @@ class InfluenceSection:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FeedbackSection:
-    metric: str = _f("acc_norm", "built-in task metric: acc, acc_norm, exact_match, neg_loss")
+    metric: str = _f("neg_loss", "built-in task metric: acc, acc_norm, exact_match, neg_loss (minus "
+                               "the mean answer-token loss: smooth, sensitive to small fine-tunes)")
     examples: int = _f(48, "evaluation examples of the unseen task used for feedback (0: all)")
     temperature: float = _f(0.0, "exact_match: sampling temperature (>0: noisy feedback, as the paper)")
     max_new_tokens: int = _f(32, "exact_match: generated tokens")
