@@ -28,14 +28,37 @@ import numpy as np
 
 from duet_jax import report
 from duet_jax.config import RunConfig, to_dict
-from duet_jax.data import (Domain, EncodeConfig, Example, SplitSpec, encode_examples, get_domain,
-                           get_domains, load_tokenizer)
+from duet_jax.data import (
+    Domain,
+    EncodeConfig,
+    Example,
+    SplitSpec,
+    encode_examples,
+    get_domain,
+    get_domains,
+    load_tokenizer,
+)
 from duet_jax.errors import ConfigError, DuetError, FeedbackError
 from duet_jax.feedback import CallableFeedback, CommandFeedback, FeedbackRequest
-from duet_jax.mixture import (if_weights, largest_remainder, ratio_to_counts, remove_harmful_weights,
-                              sample_mixtures, uniform_weights)
-from duet_jax.train import (TrainConfig, answer_loss, build_mc_set, build_pool, finetune_many,
-                            generation_match, multiple_choice, split_model, trunk_hidden, trunk_start)
+from duet_jax.mixture import (
+    if_weights,
+    ratio_to_counts,
+    remove_harmful_weights,
+    sample_mixtures,
+    uniform_weights,
+)
+from duet_jax.train import (
+    TrainConfig,
+    answer_loss,
+    build_mc_set,
+    build_pool,
+    finetune_many,
+    generation_match,
+    multiple_choice,
+    split_model,
+    trunk_hidden,
+    trunk_start,
+)
 
 __all__ = ["Duet", "LeakError", "check_no_leak", "run"]
 

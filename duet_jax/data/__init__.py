@@ -10,7 +10,7 @@ from duet_jax.data.domain import Domain, builtin_names, get_domain, get_domains
 from duet_jax.data.encode import Bucket, EncodeConfig, TokenizedSplit, encode_examples
 from duet_jax.data.example import KINDS, Example
 from duet_jax.data.sources import FieldMapping
-from duet_jax.data.splits import SPLITS, SplitSpec, Splits, split_examples
+from duet_jax.data.splits import SPLITS, Splits, SplitSpec, split_examples
 from duet_jax.data.tokenizer import load_tokenizer, tokenizer_from_gguf
 
 __all__ = [

@@ -280,7 +280,7 @@ def load_builtin(name: str) -> tuple[list[Example], int]:
     return list(examples), skipped
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_builtin(name: str) -> tuple[tuple[Example, ...], int]:
     spec = BUILTIN[name]
     out, skipped = [], 0

@@ -20,7 +20,7 @@ from typing import Any
 
 from duet_jax.data import builtin, sources
 from duet_jax.data.example import Example
-from duet_jax.data.splits import SplitSpec, Splits, split_examples
+from duet_jax.data.splits import Splits, SplitSpec, split_examples
 from duet_jax.errors import ConfigError, EmptySplitError, UnknownDomainError
 
 __all__ = ["Domain", "get_domain", "get_domains", "builtin_names"]

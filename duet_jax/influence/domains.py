@@ -30,7 +30,12 @@ import numpy as np
 from duet_jax.errors import InfluenceError
 from duet_jax.influence.curvature import adam_preconditioner
 from duet_jax.influence.scorer import InfluenceScorer
-from duet_jax.influence.store import FeatureStore, featurize_into_store, params_fingerprint, store_metadata
+from duet_jax.influence.store import (
+    FeatureStore,
+    featurize_into_store,
+    params_fingerprint,
+    store_metadata,
+)
 from duet_jax.train.forward import slot_logprobs
 from duet_jax.train.pool import Pool
 from duet_jax.train.trainer import TrainConfig, finetune

@@ -9,12 +9,24 @@
 """
 
 from duet_jax.train.checkpoint import restore_checkpoint, save_checkpoint
-from duet_jax.train.evaluate import (MCSet, answer_loss, build_mc_set, generation_match,
-                                     multiple_choice, row_scores)
-from duet_jax.train.trainer import (TrainConfig, TrainResult, finetune, finetune_many,
-                                     make_optimizer, num_steps)
+from duet_jax.train.evaluate import (
+                                     MCSet,
+                                     answer_loss,
+                                     build_mc_set,
+                                     generation_match,
+                                     multiple_choice,
+                                     row_scores,
+)
 from duet_jax.train.forward import slot_logprobs, split_model, trunk_hidden, trunk_start
 from duet_jax.train.pool import Pool, build_pool
+from duet_jax.train.trainer import (
+                                     TrainConfig,
+                                     TrainResult,
+                                     finetune,
+                                     finetune_many,
+                                     make_optimizer,
+                                     num_steps,
+)
 
 __all__ = [
     "MCSet", "Pool", "TrainConfig", "TrainResult", "answer_loss", "build_mc_set", "build_pool",

@@ -26,7 +26,6 @@ from duet_jax.data.encode import EncodeConfig, encode_examples, template_parts
 from duet_jax.data.example import Example
 from duet_jax.errors import ConfigError
 from duet_jax.feedback.metrics import choice_byte_lengths, exact_match, mc_accuracy
-from duet_jax.train.forward import slot_logprobs
 from duet_jax.train.pool import Pool, build_pool
 
 __all__ = ["row_scores", "answer_loss", "MCSet", "build_mc_set", "multiple_choice",

@@ -68,7 +68,7 @@ def test_answer_too_long_is_skipped_and_reported():
 @given(st.lists(st.text(min_size=1, max_size=40), min_size=1, max_size=12),
        st.lists(st.text(min_size=1, max_size=20).filter(str.strip), min_size=1, max_size=12))
 def test_shapes_and_buckets_property(prompts, answers):
-    exs = [ex(p, " " + a, i) for i, (p, a) in enumerate(zip(prompts, answers))]
+    exs = [ex(p, " " + a, i) for i, (p, a) in enumerate(zip(prompts, answers, strict=False))]
     cfg = EncodeConfig(max_length=48, buckets=(8, 16, 32))
     t = encode_examples(exs, CHAT, cfg)
     assert t.input_ids.shape == (len(t), 48) and t.loss_mask.shape == (len(t), 48)

@@ -6,8 +6,14 @@ import json
 import pytest
 
 from duet_jax.data import get_domain
-from duet_jax.errors import (ConfigError, DataFormatError, EmptySplitError, FieldMappingError,
-                             OfflineError, UnknownDomainError)
+from duet_jax.errors import (
+    ConfigError,
+    DataFormatError,
+    EmptySplitError,
+    FieldMappingError,
+    OfflineError,
+    UnknownDomainError,
+)
 
 ROWS = [{"q": f"What is {i} plus {i}?", "a": str(2 * i), "opts": [str(2 * i), str(2 * i + 1)], "g": 0}
         for i in range(40)]

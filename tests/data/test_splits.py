@@ -1,6 +1,5 @@
 """Splits: disjoint, complete, deterministic, independent of row order, duplicates kept together."""
 
-import random
 
 import pytest
 from hypothesis import given

@@ -86,7 +86,7 @@ def test_resume_after_kill_matches_uninterrupted(smoke_run, tmp_path):
     assert f"{n_done} evaluation(s) already done" in r.stdout
     got = [json.loads(x) for x in hist.read_text().splitlines()]
     assert len(got) == len(ref_hist)
-    for a, b in zip(got, ref_hist):
+    for a, b in zip(got, ref_hist, strict=False):
         assert a["seed"] == b["seed"] and a["counts"] == b["counts"]
         assert np.allclose(list(a["ratio"].values()), list(b["ratio"].values()), atol=1e-9)
         assert np.allclose(a["feedbacks"], b["feedbacks"], rtol=1e-5)

@@ -3,7 +3,13 @@
 import numpy as np
 import pytest
 
-from duet_jax.feedback import choice_byte_lengths, exact_match, extract_number, mc_accuracy, normalize_answer
+from duet_jax.feedback import (
+    choice_byte_lengths,
+    exact_match,
+    extract_number,
+    mc_accuracy,
+    normalize_answer,
+)
 
 
 def test_acc_and_acc_norm_differ_as_lm_eval_defines():

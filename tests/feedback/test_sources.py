@@ -1,6 +1,5 @@
 """External command and callable feedback: parsing, time-out, retries, clear failures."""
 
-import json
 import sys
 from pathlib import Path
 

@@ -1,6 +1,5 @@
 """DUET's per-domain IF scores on a tiny model: finite, flagged, resumable, refusing a changed store."""
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -7,8 +7,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from duet_jax.mixture import (effective_sample_size, if_weights, largest_remainder,
-                              remove_harmful_weights, sample_mixture, sample_mixtures, uniform_weights)
+from duet_jax.mixture import (
+    effective_sample_size,
+    if_weights,
+    largest_remainder,
+    remove_harmful_weights,
+    sample_mixture,
+    sample_mixtures,
+    uniform_weights,
+)
 
 DOMAIN_OF = jnp.asarray(np.repeat(np.arange(3), [50, 30, 20]).astype(np.int32))
 

@@ -7,8 +7,14 @@ import pytest
 
 from duet_jax.data import EncodeConfig, Example
 from duet_jax.errors import ConfigError
-from duet_jax.train import (answer_loss, build_mc_set, generation_match, multiple_choice, row_scores,
-                            trunk_hidden)
+from duet_jax.train import (
+    answer_loss,
+    build_mc_set,
+    generation_match,
+    multiple_choice,
+    row_scores,
+    trunk_hidden,
+)
 
 MC = [Example(f"m{i}", f"Question: pick {i}\nAnswer:", f" {c[i % 3]}", "mc", tuple(c), i % 3)
       for i, c in enumerate([["red", "green", "blue"]] * 6 + [["a", "b"]] * 2)]

@@ -7,8 +7,16 @@ import numpy as np
 import pytest
 
 from duet_jax.errors import ConfigError, TrainingError
-from duet_jax.train import (TrainConfig, answer_loss, build_pool, finetune, finetune_many,
-                            restore_checkpoint, save_checkpoint, slot_logprobs, trunk_hidden)
+from duet_jax.train import (
+    TrainConfig,
+    answer_loss,
+    finetune,
+    finetune_many,
+    restore_checkpoint,
+    save_checkpoint,
+    slot_logprobs,
+    trunk_hidden,
+)
 from duet_jax.train import trainer as ft_module
 
 CFG = TrainConfig(epochs=4, batch_size=8, learning_rate=1e-2, warmup_ratio=0.0)
@@ -37,11 +45,11 @@ def test_learns_and_is_deterministic(setup):
     assert after < before - 0.3
     assert r1.losses.shape == (24,) and float(r1.losses[-1]) < float(r1.losses[0])
     r2 = finetune(s["g"], s["lora"], s["frozen"], s["cached"], idx, jax.random.key(0), CFG, start=s["start"])
-    for a, b in zip(jax.tree.leaves(r1.lora), jax.tree.leaves(r2.lora)):
+    for a, b in zip(jax.tree.leaves(r1.lora), jax.tree.leaves(r2.lora), strict=False):
         assert np.array_equal(np.asarray(a), np.asarray(b))  # bit for bit
     r3 = finetune(s["g"], s["lora"], s["frozen"], s["cached"], idx, jax.random.key(1), CFG, start=s["start"])
     assert not all(np.array_equal(np.asarray(a), np.asarray(b))
-                   for a, b in zip(jax.tree.leaves(r1.lora), jax.tree.leaves(r3.lora)))
+                   for a, b in zip(jax.tree.leaves(r1.lora), jax.tree.leaves(r3.lora), strict=False))
 
 
 def test_full_model_and_cache_train_the_same(setup):
@@ -106,7 +114,7 @@ def test_checkpoint_round_trip(setup, tmp_path):
     save_checkpoint(tmp_path / "ck", r.lora, r.opt_state, step=2, metadata={"ratio": [0.5, 0.5]})
     lora, opt, step, meta = restore_checkpoint(tmp_path / "ck", s["lora"], r.opt_state)
     assert step == 2 and meta["ratio"] == [0.5, 0.5]
-    for a, b in zip(jax.tree.leaves(r.lora), jax.tree.leaves(lora)):
+    for a, b in zip(jax.tree.leaves(r.lora), jax.tree.leaves(lora), strict=False):
         assert np.array_equal(np.asarray(a), np.asarray(b))
-    for a, b in zip(jax.tree.leaves(r.opt_state), jax.tree.leaves(opt)):
+    for a, b in zip(jax.tree.leaves(r.opt_state), jax.tree.leaves(opt), strict=False):
         assert np.array_equal(np.asarray(a), np.asarray(b))
