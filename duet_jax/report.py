@@ -176,7 +176,7 @@ def plots(run_dir: Path, history: list[dict], names: list[str]) -> None:
     fig.savefig(run_dir / "best_so_far.png", dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(7.5, 3.5))
     bottom = np.zeros(len(history))
     for n in names:
         share = np.asarray([r["ratio"][n] for r in history])
@@ -184,7 +184,7 @@ def plots(run_dir: Path, history: list[dict], names: list[str]) -> None:
         bottom += share
     ax.set_xlabel("evaluation")
     ax.set_ylabel("share of the mixture")
-    ax.legend(fontsize=7, ncol=2, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(run_dir / "ratios.png", dpi=110)
     plt.close(fig)
