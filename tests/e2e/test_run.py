@@ -22,14 +22,44 @@ ROOT = Path(__file__).resolve().parents[2]
 SMOKE = dict(feedback={"metric": "neg_loss", "examples": 16})
 
 
+_CACHE: dict = {}
+
+
 def env(tmp_path):
-    e = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-             DUET_JAX_CACHE=str(tmp_path.parent / "shared-cache"), PYTHONPATH=str(ROOT))
-    return e
+    """Subprocesses share the persistent compilation cache that this test process fills, so the
+    killed and resumed runs do not compile everything again."""
+    return dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                DUET_JAX_CACHE=str(_CACHE["dir"]), PYTHONPATH=str(ROOT))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+    import jax
+
+    d = tmp_path_factory.mktemp("duet-cache")
+    _CACHE["dir"] = d
+    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", str(d / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    _reset_jax_cache()
+    yield d
+    jax.config.update("jax_compilation_cache_dir", old[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+    _reset_jax_cache()
+
+
+def _reset_jax_cache():
+    """jax decides once per process whether the persistent cache is on; make it look again."""
+    try:
+        from jax._src import compilation_cache
+
+        compilation_cache.reset_cache()
+    except (ImportError, AttributeError):  # a jax without it: the subprocesses just compile
+        pass
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
+def smoke_run(tmp_path_factory, shared_compilation_cache):
     d = tmp_path_factory.mktemp("run") / "smoke"
     summary = Duet(preset("smoke", **SMOKE), d, log=lambda s: None, progress=False).run()
     return d, summary
