@@ -65,6 +65,8 @@ def add_arguments(parser):
     parser.add_argument("--last-layers", type=int, default=4, help="LoRA layers of the frozen-trunk case")
     parser.add_argument("--k", type=int, default=4, help="adapters of the vmapped case")
     parser.add_argument("--rss-seq-len", type=int, default=256)
+    parser.add_argument("--remat", action="store_true",
+                        help="peak_rss case: per-layer activation checkpointing (TrainConfig.remat)")
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ", ".join(CASES))
     parser.add_argument("--no-peer", action="store_true", help="skip the torch peer")
     parser.add_argument("--json", action="store_true", help="print the JSON list of cases")
@@ -428,7 +430,8 @@ def _vm_hwm_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _rss_child(side: str, model_dir: str, ids_path: str, seq: int, batch: int, steps: int) -> None:
+def _rss_child(side: str, model_dir: str, ids_path: str, seq: int, batch: int, steps: int,
+               remat: bool = False) -> None:
     """Run in a fresh interpreter: load, fine-tune ``steps`` steps at ``batch x seq``, print JSON."""
     arr = np.load(ids_path)
     out = {"side": side}
@@ -448,7 +451,8 @@ def _rss_child(side: str, model_dir: str, ids_path: str, seq: int, batch: int, s
         g, lora, frozen, _ = _with_lora(model, ATTN, None)
         from duet_jax.train import trainer
 
-        cfg = TrainConfig(steps=steps, batch_size=batch)
+        cfg = TrainConfig(steps=steps, batch_size=batch, remat=remat)
+        out["remat"] = remat
         idx = jax.numpy.arange(len(pool), dtype=jax.numpy.int32)
         trainer._finetune_jit.lower(g, lora, frozen, pool, idx, jax.random.key(0), config=cfg,
                                     steps=steps, start=0).compile()  # read-only reuse: AOT compile
@@ -487,7 +491,7 @@ def _rss_child(side: str, model_dir: str, ids_path: str, seq: int, batch: int, s
     print("RSS_JSON " + json.dumps(out), flush=True)
 
 
-def _rss_case(s_model, tokenizer, examples, *, seq, batch, steps, peer):
+def _rss_case(s_model, tokenizer, examples, *, seq, batch, steps, peer, remat=False):
     from duet_jax.data import EncodeConfig, encode_examples
     from duet_jax.models import save_hf
 
@@ -500,7 +504,7 @@ def _rss_case(s_model, tokenizer, examples, *, seq, batch, steps, peer):
                  prompt_lengths=t.prompt_lengths, answer_lengths=t.answer_lengths, pad_id=t.pad_id)
         for side in (("ours", "peer") if peer else ("ours",)):
             code = (f"from duet_jax.bench.finetune import _rss_child; _rss_child({side!r}, "
-                    f"{os.path.join(d, 'model')!r}, {ids_path!r}, {seq}, {batch}, {steps})")
+                    f"{os.path.join(d, 'model')!r}, {ids_path!r}, {seq}, {batch}, {steps}, {remat!r})")
             p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
             line = [x for x in p.stdout.splitlines() if x.startswith("RSS_JSON ")]
@@ -515,7 +519,7 @@ def _rss_case(s_model, tokenizer, examples, *, seq, batch, steps, peer):
               ours_peak_rss_mib=o.get("peak_rss_mib"), ours_after_load_mib=o.get("after_load_mib"),
               ours_after_compile_mib=o.get("after_compile_mib"),
               peer_peak_rss_mib=pe.get("peak_rss_mib"), peer_after_load_mib=pe.get("after_load_mib"),
-              goal_mib=4096, ours_meets_goal=(o.get("peak_rss_mib") or 1e18) < 4096,
+              goal_mib=4096, ours_meets_goal=(o.get("peak_rss_mib") or 1e18) < 4096, remat=remat,
               note="examples/s here are steps x batch over the time of the timed call (ours: a "
                    "cached-compile call, peer: the first steps); memory is the point of this case")
     for side in ("ours", "peer"):
@@ -529,7 +533,7 @@ def run(model_spec: str = "smollm2-135m-instruct", *, domain: str = "arc_easy", 
         examples: int | None = None, seq_len: int | None = None, batch: int = 8,
         repeats: int | None = None, last_layers: int = 4, k: int = 4, rss_seq_len: int = 256,
         cases=CASES, peer: bool = True, matmul_n: int = 2048, model=None, tokenizer=None, example_list=None,
-        progress=None) -> dict:
+        progress=None, remat: bool = False) -> dict:
     """Run the cases; returns ``{"cases": [...], ...settings}``. ``model`` / ``tokenizer`` /
     ``example_list`` override the spec (tests pass a tiny random model)."""
     import jax
@@ -582,7 +586,7 @@ def run(model_spec: str = "smollm2-135m-instruct", *, domain: str = "arc_easy", 
             c = _eval_case(s, batch=batch, repeats=reps, peer=peer, peak_fn=peak_fn, last_layers=ll)
         else:
             c = _rss_case(model, tokenizer, exs, seq=rss_seq_len, batch=batch,
-                          steps=1 if quick else 2, peer=peer)
+                          steps=1 if quick else 2, peer=peer, remat=remat)
         c["case_wall_s"] = _now() - t1
         out.append(c)
         say(_line(c))
@@ -636,7 +640,7 @@ def main(args) -> int:
             seq_len=args.seq_len, batch=args.batch, repeats=args.repeats,
             last_layers=args.last_layers, k=args.k, rss_seq_len=args.rss_seq_len,
             cases=[c.strip() for c in args.cases.split(",") if c.strip()], peer=not args.no_peer,
-            progress=progress)
+            progress=progress, remat=args.remat)
     if args.json:
         info = {k: v for k, v in r.items() if k != "cases"}
         print(json.dumps([{**c, "run": info} for c in r["cases"]]))

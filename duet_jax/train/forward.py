@@ -39,11 +39,13 @@ def trunk_start(model) -> int:
 
 
 def slot_logprobs(graphdef, lora, frozen, batch: Pool, *, start: int = 0,
-                  dropout_key: jax.Array | None = None) -> jax.Array:
+                  dropout_key: jax.Array | None = None, remat: bool = False) -> jax.Array:
     """float32 ``[B, A]``: log p(target token) at each answer slot (padding slots hold garbage;
     mask them with ``batch.loss_mask`` / ``batch.score_mask``).
 
     With ``start > 0`` the batch must carry ``hidden`` (the states entering layer ``start``).
+    ``remat=True`` wraps every layer in ``jax.checkpoint``: under ``grad`` only each layer's input
+    is kept and the layer is recomputed in the backward pass (less memory, about one more forward).
     """
     model = nnx.merge(graphdef, lora, frozen)
     if start > 0:
@@ -52,8 +54,16 @@ def slot_logprobs(graphdef, lora, frozen, batch: Pool, *, start: int = 0,
         h = batch.hidden.astype(model.dtype)
     else:
         h = model.embed(batch.input_ids)
-    h, _ = model.run_layers(h, attention_mask=batch.attention_mask, start=start,
-                            dropout_key=dropout_key)
+    if remat:
+        for i in range(start, model.num_layers):
+            def layer(x, i=i):
+                return model.run_layers(x, attention_mask=batch.attention_mask, start=i, end=i + 1,
+                                        dropout_key=dropout_key)[0]
+
+            h = jax.checkpoint(layer)(h)
+    else:
+        h, _ = model.run_layers(h, attention_mask=batch.attention_mask, start=start,
+                                dropout_key=dropout_key)
     logits = model.head(h, positions=batch.target_pos)  # [B, A, V] float32
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, batch.targets[..., None], axis=-1)[..., 0]

@@ -118,3 +118,15 @@ def test_checkpoint_round_trip(setup, tmp_path):
         assert np.array_equal(np.asarray(a), np.asarray(b))
     for a, b in zip(jax.tree.leaves(r.opt_state), jax.tree.leaves(opt), strict=False):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_remat_trains_the_same(setup):
+    s = setup
+    idx = jnp.arange(0, 48, 3)
+    kw = dict(steps=2, batch_size=8, learning_rate=1e-2)
+    a = finetune(s["g"], s["lora"], s["frozen"], s["pool"], idx, jax.random.key(2), TrainConfig(**kw), start=0)
+    b = finetune(s["g"], s["lora"], s["frozen"], s["pool"], idx, jax.random.key(2),
+                 TrainConfig(**kw, remat=True), start=0)
+    assert np.allclose(np.asarray(a.losses), np.asarray(b.losses), atol=1e-5)
+    for x, y in zip(jax.tree.leaves(a.lora), jax.tree.leaves(b.lora), strict=True):
+        assert np.allclose(np.asarray(x), np.asarray(y), atol=1e-5)
