@@ -1,0 +1,204 @@
+"""Options of the simplex Bayesian optimiser: one frozen, keyword-only dataclass.
+
+Every field is a plain Python value (bounds are tuples), so a config is hashable and is passed to
+the jitted functions as a static argument, and it serialises to JSON as a dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from duet_jax.errors import BOError, ConfigError
+
+__all__ = ["BOConfig", "KERNELS", "PRIORS", "ACQUISITIONS", "BETA_SCHEDULES"]
+
+KERNELS = ("matern52", "rbf")
+PRIORS = ("gamma", "lognormal")
+ACQUISITIONS = ("ucb", "ei", "logei", "thompson")
+BETA_SCHEDULES = ("constant", "igp_ucb")
+INIT_DESIGNS = ("maximin", "dirichlet")
+ON_NONFINITE = ("raise", "record")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BOConfig:
+    """How the GP is built and fitted, and how the next ratio is chosen.
+
+    GP (``duet_jax.bo.gp``)
+      kernel: ``"matern52"`` (Matern-5/2 with one length scale per domain (ARD), the kernel of
+        BoTorch's former default and so of DUET's released code) or ``"rbf"`` (squared exponential
+        with ARD, the kernel the paper states).
+      prior: ``"gamma"``: BoTorch's former defaults, used by DUET's released code: length scale
+        Gamma(3, 6), output scale Gamma(2, 0.15), noise Gamma(1.1, 0.05). ``"lognormal"``: BoTorch
+        >= 0.12 (Hvarfner et al. 2024): length scale LogNormal(sqrt 2 + log(d)/2, sqrt 3), no
+        output scale (fixed to 1 on standardised outputs), noise LogNormal(-4, 1).
+      noise_floor: smallest noise variance, in standardised output units (BoTorch: 1e-4).
+      lengthscale_floor: smallest length scale (BoTorch's dimension-scaled kernel: 0.025).
+      fit_restarts: starts of the marginal-likelihood fit, run together under vmap: the previous
+        round's hyperparameters (or the prior's mode) and ``fit_restarts - 1`` prior draws.
+      fit_steps, fit_lr: Adam steps and learning rate (cosine-decayed) of the fit, in log space.
+
+    Acquisition (``duet_jax.bo.acquisition``); the optimiser always maximises internally.
+      acquisition: ``"ucb"`` (mu + sqrt(beta) sigma), ``"ei"``, ``"logei"`` or ``"thompson"``
+        (alias ``"ts"``: Thompson sampling, a joint posterior draw on ``ts_candidates`` points).
+      beta: UCB's beta for ``beta_schedule="constant"`` (DUET's released code: 1.0).
+      beta_schedule: ``"constant"`` or ``"igp_ucb"`` (Chowdhury & Gopalan 2017, the paper's
+        theory): sqrt(beta_t) = B + R sqrt(2 (gamma_t + 1 + ln(1/delta))), gamma_t the information
+        gain of the observations under the fitted GP, so beta grows with the data.
+      igp_b, igp_r, igp_delta: B (RKHS-norm bound), R (sub-Gaussian noise scale; ``None``: the
+        fitted noise standard deviation, which makes beta fall as the fit finds less noise) and
+        delta of that schedule, in standardised output units. The theory's constants are loose;
+        these defaults (1, 0.1, 0.1) gave beta of about 2 to 5 over runs of 30 evaluations.
+
+    Simplex optimiser (``duet_jax.bo.optimize``)
+      n_raw: Dirichlet(1) draws among the raw candidates (with the vertices, the edge midpoints
+        and the centroid); n_starts: best raw candidates refined by projected gradient ascent;
+        ascent_steps, ascent_lr: Adam steps (cosine-decayed) of that ascent.
+      ts_candidates: points on which a Thompson sample is drawn jointly.
+      min_share: shares below it are set to zero (the largest share and domains with a positive
+        lower bound are kept). renormalize_min_share: then rescale the rest to sum to one
+        (default); ``False`` reproduces DUET's released code, which zeroed shares below 0.05 without
+        renormalising, so proposals sum to less than one.
+      lower, upper: per-domain bounds on the share (tuples of length dim, or ``None``).
+      fixed: ``((domain, share), ...)``: domains held at a share (lower = upper = share).
+
+    Loop (``duet_jax.bo.SimplexBO``)
+      n_init: space-filling warm-start points before the GP is used (``None``: dim + 1, at most 10).
+      init_design: ``"maximin"`` (greedy farthest points of a Dirichlet(1) pool, also away from
+        points already observed) or ``"dirichlet"`` (plain Dirichlet(1) draws, as the released code).
+      on_nonfinite: NaN or infinite feedback: ``"raise"`` a BOError, or ``"record"`` it as a failed
+        evaluation that is kept in the history and the state but left out of the fit.
+      min_capacity: smallest padded data size; capacities are powers of two, so a run of N
+        evaluations compiles about log2(N / min_capacity) + 1 times.
+    """
+
+    kernel: str = "matern52"
+    prior: str = "gamma"
+    noise_floor: float = 1e-4
+    lengthscale_floor: float = 0.025
+    fit_restarts: int = 8
+    fit_steps: int = 200
+    fit_lr: float = 0.1
+
+    acquisition: str = "ucb"
+    beta: float = 1.0
+    beta_schedule: str = "constant"
+    igp_b: float = 1.0
+    igp_r: float | None = 0.1
+    igp_delta: float = 0.1
+
+    n_raw: int = 512
+    n_starts: int = 8
+    ascent_steps: int = 60
+    ascent_lr: float = 0.02
+    ts_candidates: int = 512
+    min_share: float = 0.0
+    renormalize_min_share: bool = True
+    lower: tuple[float, ...] | None = None
+    upper: tuple[float, ...] | None = None
+    fixed: tuple[tuple[int, float], ...] = field(default=())
+
+    n_init: int | None = None
+    init_design: str = "maximin"
+    on_nonfinite: str = "raise"
+    min_capacity: int = 16
+
+    def __post_init__(self):
+        if self.acquisition == "ts":
+            object.__setattr__(self, "acquisition", "thompson")
+        def choice(name, options):
+            v = getattr(self, name)
+            if v not in options:
+                raise ConfigError(f"BOConfig.{name}: expected one of {options}, got {v!r}")
+
+        choice("kernel", KERNELS)
+        choice("prior", PRIORS)
+        choice("acquisition", ACQUISITIONS)
+        choice("beta_schedule", BETA_SCHEDULES)
+        choice("init_design", INIT_DESIGNS)
+        choice("on_nonfinite", ON_NONFINITE)
+        for name in ("noise_floor", "lengthscale_floor", "fit_lr", "ascent_lr", "igp_b",
+                     "igp_delta"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
+                raise ConfigError(f"BOConfig.{name}: expected a finite number > 0, got {v!r}")
+        if not 0 < self.igp_delta < 1:
+            raise ConfigError(f"BOConfig.igp_delta: expected 0 < delta < 1, got {self.igp_delta}")
+        if self.igp_r is not None and not (math.isfinite(self.igp_r) and self.igp_r > 0):
+            raise ConfigError(f"BOConfig.igp_r: expected None or > 0, got {self.igp_r!r}")
+        if not (math.isfinite(self.beta) and self.beta >= 0):
+            raise ConfigError(f"BOConfig.beta: expected a finite number >= 0, got {self.beta!r}")
+        for name in ("fit_restarts", "fit_steps", "n_raw", "n_starts", "ascent_steps",
+                     "ts_candidates", "min_capacity"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise ConfigError(f"BOConfig.{name}: expected an integer >= 1, got {v!r}")
+        if self.n_init is not None and not (isinstance(self.n_init, int) and self.n_init >= 0):
+            raise ConfigError(f"BOConfig.n_init: expected None or an integer >= 0, got "
+                              f"{self.n_init!r}")
+        if not (0.0 <= self.min_share < 1.0):
+            raise ConfigError(f"BOConfig.min_share: expected 0 <= min_share < 1, got "
+                              f"{self.min_share!r}")
+        # Normalise sequences to tuples of floats so the config stays hashable (and equal after a
+        # JSON round trip, where tuples come back as lists).
+        for name in ("lower", "upper"):
+            v = getattr(self, name)
+            if v is not None:
+                object.__setattr__(self, name, tuple(float(b) for b in v))
+        object.__setattr__(self, "fixed", tuple((int(i), float(s)) for i, s in self.fixed))
+
+    # -- derived -------------------------------------------------------------------------------
+
+    def bounds(self, dim: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-domain (lower, upper) share bounds with fixed domains folded in, checked against
+        ``dim`` and for feasibility (sum lower <= 1 <= sum upper)."""
+        lo = list(self.lower) if self.lower is not None else [0.0] * dim
+        hi = list(self.upper) if self.upper is not None else [1.0] * dim
+        if len(lo) != dim or len(hi) != dim:
+            raise BOError(f"bounds: expected lower and upper of length dim={dim}, got "
+                          f"{len(lo)} and {len(hi)}")
+        for i, s in self.fixed:
+            if not 0 <= i < dim:
+                raise BOError(f"fixed: domain index {i} is out of range for dim={dim}")
+            lo[i] = hi[i] = s
+        for i, (a, b) in enumerate(zip(lo, hi, strict=True)):
+            if not (math.isfinite(a) and math.isfinite(b) and 0.0 <= a <= b <= 1.0):
+                raise BOError(f"bounds: domain {i} needs 0 <= lower <= upper <= 1, got "
+                              f"lower={a}, upper={b}")
+        if sum(lo) > 1.0 + 1e-12 or sum(hi) < 1.0 - 1e-12:
+            raise BOError(f"bounds: no ratio fits them: sum(lower)={sum(lo):.6g} must be <= 1 "
+                          f"and sum(upper)={sum(hi):.6g} must be >= 1")
+        return tuple(lo), tuple(hi)
+
+    def for_round(self) -> BOConfig:
+        """This config with the fields that only the host-side loop reads set to their defaults:
+        the static argument of the jitted round, so changing them does not recompile it."""
+        return dataclasses.replace(self, n_init=None, init_design="maximin", on_nonfinite="raise",
+                                   min_capacity=16)
+
+    def has_bounds(self) -> bool:
+        return self.lower is not None or self.upper is not None or bool(self.fixed)
+
+    def resolved_n_init(self, dim: int) -> int:
+        return min(dim + 1, 10) if self.n_init is None else self.n_init
+
+    # -- JSON ----------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["fixed"] = [list(p) for p in self.fixed]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BOConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"BOConfig: unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+    def replace(self, **changes) -> BOConfig:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,172 @@
+"""One BO round as one jitted function: fit the GP, maximise the acquisition on the simplex, and
+propose a batch by kriging believer.
+
+Acquisition maximisation (BoTorch's recipe, on the simplex): score raw candidates (Dirichlet(1)
+draws, vertices, edge midpoints, centroid), take the ``n_starts`` best, and run projected Adam
+ascent from all of them at once; keep the best point seen on any path.
+
+Batches (q > 1) and pending points use the kriging believer: a chosen point joins the data with the
+posterior mean as its value (the hyperparameters stay), which leaves the mean unchanged and shrinks
+the variance around it, so the next choice goes elsewhere.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from duet_jax.bo import acquisition as acq
+from duet_jax.bo import gp
+from duet_jax.bo.config import BOConfig
+from duet_jax.bo.runtime import jit, x64
+from duet_jax.bo.simplex import apply_min_share, project, raw_candidates
+
+__all__ = ["RoundInfo", "maximize_acquisition", "propose_core", "propose", "trace_counts"]
+
+_TRACES: collections.Counter = collections.Counter()
+
+
+def trace_counts() -> dict[str, int]:
+    """How many times each jitted entry point has been traced (compiled) in this process."""
+    return dict(_TRACES)
+
+
+class RoundInfo(NamedTuple):
+    loss: jax.Array  # [] fit loss (-(lml + log prior)); NaN when the fit was skipped (n < 2)
+    beta: jax.Array  # [] UCB beta used
+    acq_value: jax.Array  # [q] acquisition value of each proposal
+    y_mean: jax.Array  # [] standardisation of the outputs
+    y_std: jax.Array  # []
+
+
+def _bounds(cfg: BOConfig, d: int, dtype):
+    lo, hi = cfg.bounds(d)
+    return jnp.asarray(lo, dtype), jnp.asarray(hi, dtype)
+
+
+def maximize_acquisition(score, key, d: int, cfg: BOConfig, lower, upper):
+    """Maximise ``score: [m, d] -> [m]`` over the feasible set. Returns ``(x [d], value [])``."""
+    bounded = cfg.has_bounds()
+    cands = raw_candidates(key, d, cfg.n_raw, lower, upper, bounded, lower.dtype)
+    vals = score(cands)
+    vals = jnp.where(jnp.isnan(vals), -jnp.inf, vals)
+    n_starts = min(cfg.n_starts, cands.shape[0])
+    top_v, top_i = jax.lax.top_k(vals, n_starts)
+    x0 = cands[top_i]
+
+    sched = optax.cosine_decay_schedule(cfg.ascent_lr, cfg.ascent_steps, alpha=0.05)
+    tx = optax.adam(sched)
+    value_and_grad = jax.vmap(jax.value_and_grad(lambda xi: score(xi[None])[0]))
+
+    def step(carry, _):
+        x, s, bx, bv = carry
+        v, g = value_and_grad(x)
+        better = v > bv
+        bx = jnp.where(better[:, None], x, bx)
+        bv = jnp.where(better, v, bv)
+        u, s = tx.update(-jnp.where(jnp.isfinite(g), g, 0.0), s, x)
+        return (project(x + u, lower, upper, bounded), s, bx, bv), None
+
+    (x, _, bx, bv), _ = jax.lax.scan(step, (x0, tx.init(x0), x0, top_v), None,
+                                     length=cfg.ascent_steps)
+    v = score(x)
+    better = v > bv
+    bx = jnp.where(better[:, None], x, bx)
+    bv = jnp.where(better, v, bv)
+    i = jnp.argmax(bv)
+    return bx[i], bv[i]
+
+
+def _thompson(post, key, d, cfg: BOConfig, lower, upper):
+    k1, k2 = jax.random.split(key)
+    cands = raw_candidates(k1, d, cfg.ts_candidates, lower, upper, cfg.has_bounds(), lower.dtype)
+    mean, cov = gp.predict(post, cands, cfg, full_cov=True)
+    f = acq.thompson_sample(k2, mean, cov)
+    i = jnp.argmax(f)
+    return cands[i], f[i]
+
+
+def propose_core(x, y, mask, pending, params0, key, cfg: BOConfig, q: int):
+    """One BO round on padded data (pure; jit it or call it inside a jitted loop).
+
+    Args:
+      x: ``[cap, d]`` ratios; the used rows (observed, then pending) form a prefix.
+      y: ``[cap]`` feedback to maximise (the caller negates losses); ignored off ``mask``.
+      mask: ``[cap]`` observed rows used in the fit.
+      pending: ``[cap]`` rows asked but not yet told (kriging-believer fantasies).
+      params0: ``GPParams`` to start the fit from (the previous round's, or ``gp.prior_mode``);
+        used as they are when fewer than two rows are observed.
+      key: PRNG key.
+      cfg: static options. q: static batch size; ``cap >= used rows + q`` is the caller's duty.
+
+    Returns:
+      ``(x_new [q, d], params, RoundInfo)``.
+    """
+    d = x.shape[-1]
+    dt = x.dtype
+    lower, upper = _bounds(cfg, d, dt)
+    bounded = cfg.has_bounds()
+    k_fit, k_q = jax.random.split(key)
+
+    ys, y_mean, y_std = gp.standardize(y, mask)
+    n = jnp.sum(mask)
+    params, loss = jax.lax.cond(
+        n >= 2,
+        lambda: gp.fit(x, ys, mask, params0, k_fit, cfg),
+        lambda: (jax.tree.map(lambda a: jnp.asarray(a, dt), params0), jnp.full((), jnp.nan, dt)),
+    )
+    post0 = gp.posterior(x, ys, mask, params, cfg)
+    c = gp.constrain(params, cfg)
+    if cfg.beta_schedule == "igp_ucb":
+        r = jnp.sqrt(c.noise) if cfg.igp_r is None else jnp.asarray(cfg.igp_r, dt)
+        beta = acq.igp_ucb_beta(gp.information_gain(post0, cfg), r, cfg.igp_b, cfg.igp_delta)
+    else:
+        beta = jnp.asarray(cfg.beta, dt)
+    best = jnp.max(jnp.where(mask, ys, -jnp.inf))
+    best = jnp.where(n > 0, best, 0.0)
+    believe = lambda xs: gp.predict(post0, xs, cfg)[0]
+
+    # Pending rows join as fantasies valued at the posterior mean.
+    ys = jnp.where(pending, believe(x), ys)
+    used = mask | pending
+
+    def choose(carry, k):
+        xb, yb, ub = carry
+        post = gp.posterior(xb, yb, ub, params, cfg)
+        if cfg.acquisition == "thompson":
+            xj, vj = _thompson(post, k, d, cfg, lower, upper)
+        else:
+            def score(xs):
+                mean, var = gp.predict(post, xs, cfg)
+                if cfg.acquisition == "ucb":
+                    return acq.ucb(mean, var, beta)
+                if cfg.acquisition == "ei":
+                    return acq.ei(mean, var, best)
+                return acq.log_ei(mean, var, best)
+
+            xj, vj = maximize_acquisition(score, k, d, cfg, lower, upper)
+        xj = apply_min_share(xj, cfg.min_share, cfg.renormalize_min_share, lower, upper, bounded)
+        slot = jnp.sum(ub)
+        carry = (xb.at[slot].set(xj), yb.at[slot].set(believe(xj[None])[0]), ub.at[slot].set(True))
+        return carry, (xj, vj)
+
+    _, (x_new, vals) = jax.lax.scan(choose, (x, ys, used), jax.random.split(k_q, q))
+    return x_new, params, RoundInfo(loss, beta, vals, y_mean, y_std)
+
+
+@jit(static_argnames=("cfg", "q"))
+def _propose_jit(x, y, mask, pending, params0, key, cfg: BOConfig, q: int):
+    _TRACES["propose"] += 1
+    return propose_core(x, y, mask, pending, params0, key, cfg, q)
+
+
+def propose(x, y, mask, pending, params0, key, cfg: BOConfig, q: int = 1):
+    """Jitted ``propose_core`` in float64: one compile per (capacity, dim, ``cfg.for_round()``, q)."""
+    with x64():
+        f64 = lambda a: jnp.asarray(a, jnp.float64)
+        return _propose_jit(f64(x), f64(y), jnp.asarray(mask, bool), jnp.asarray(pending, bool),
+                            jax.tree.map(f64, params0), key, cfg.for_round(), q)
