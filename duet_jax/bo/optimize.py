@@ -2,8 +2,9 @@
 propose a batch by kriging believer.
 
 Acquisition maximisation (BoTorch's recipe, on the simplex): score raw candidates (Dirichlet(1)
-draws, vertices, edge midpoints, centroid), take the ``n_starts`` best, and run projected Adam
-ascent from all of them at once; keep the best point seen on any path.
+draws, vertices, edge midpoints, centroid), take the ``n_starts`` best, and run projected gradient
+ascent (normalised steps, cosine-decayed length) from all of them at once, vmapped; keep the best
+point seen on any path.
 
 Batches (q > 1) and pending points use the kriging believer: a chosen point joins the data with the
 posterior mean as its value (the hyperparameters stay), which leaves the mean unchanged and shrinks
@@ -58,21 +59,25 @@ def maximize_acquisition(score, key, d: int, cfg: BOConfig, lower, upper):
     top_v, top_i = jax.lax.top_k(vals, n_starts)
     x0 = cands[top_i]
 
-    sched = optax.cosine_decay_schedule(cfg.ascent_lr, cfg.ascent_steps, alpha=0.05)
-    tx = optax.adam(sched)
+    # Projected ascent with steps of a set length along the feasible direction d = P(x + lr g) - x,
+    # so progress along a face of the simplex does not stall when most of the gradient points out
+    # of it. (A per-coordinate step such as Adam's would stop short of a maximum on a face: the
+    # projection of a rescaled gradient step is not a KKT fixed point.)
+    lr = optax.cosine_decay_schedule(cfg.ascent_lr, cfg.ascent_steps, alpha=0.02)
+    unit = lambda v: v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-30)
     value_and_grad = jax.vmap(jax.value_and_grad(lambda xi: score(xi[None])[0]))
 
-    def step(carry, _):
-        x, s, bx, bv = carry
+    def step(carry, t):
+        x, bx, bv = carry
         v, g = value_and_grad(x)
         better = v > bv
         bx = jnp.where(better[:, None], x, bx)
         bv = jnp.where(better, v, bv)
-        u, s = tx.update(-jnp.where(jnp.isfinite(g), g, 0.0), s, x)
-        return (project(x + u, lower, upper, bounded), s, bx, bv), None
+        g = unit(jnp.where(jnp.isfinite(g), g, 0.0))
+        d = unit(project(x + lr(t) * g, lower, upper, bounded) - x)
+        return (project(x + lr(t) * d, lower, upper, bounded), bx, bv), None
 
-    (x, _, bx, bv), _ = jax.lax.scan(step, (x0, tx.init(x0), x0, top_v), None,
-                                     length=cfg.ascent_steps)
+    (x, bx, bv), _ = jax.lax.scan(step, (x0, x0, top_v), jnp.arange(cfg.ascent_steps))
     v = score(x)
     better = v > bv
     bx = jnp.where(better[:, None], x, bx)

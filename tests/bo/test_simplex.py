@@ -20,24 +20,7 @@ from duet_jax.bo.simplex import (
     uniform_simplex,
 )
 
-from .common import on_simplex
-
-D = 5
-
-
-@st.composite
-def bounds(draw, d=D):
-    """Feasible per-domain bounds (sum lower <= 1 <= sum upper), some domains fixed."""
-    lo = np.array(draw(st.lists(st.floats(0.0, 0.5), min_size=d, max_size=d)))
-    width = np.array(draw(st.lists(st.floats(0.0, 1.0), min_size=d, max_size=d)))
-    hi = np.minimum(lo + width, 1.0)
-    lo = lo * min(1.0, 0.95 / max(lo.sum(), 1e-12))  # sum lower < 1
-    hi = np.maximum(hi, lo)
-    if hi.sum() < 1.0:  # open the widest gaps until the upper bounds reach one
-        hi = np.minimum(1.0, hi + (1.0 - hi.sum()) / d + 1e-3)
-        hi = np.where(hi.sum() < 1.0, 1.0, hi)
-    return lo, hi
-
+from .common import D, bounds, on_simplex
 
 vectors = st.lists(st.floats(-3.0, 3.0), min_size=D, max_size=D).map(np.array)
 
