@@ -56,7 +56,7 @@ class BOConfig:
     Simplex optimiser (``duet_jax.bo.optimize``)
       n_raw: Dirichlet(1) draws among the raw candidates (with the vertices, the edge midpoints
         and the centroid); n_starts: best raw candidates refined by projected gradient ascent;
-        ascent_steps, ascent_lr: Adam steps (cosine-decayed) of that ascent.
+        ascent_steps, ascent_lr: steps of that ascent and their initial length (cosine-decayed).
       ts_candidates: points on which a Thompson sample is drawn jointly.
       min_share: shares below it are set to zero (the largest share and domains with a positive
         lower bound are kept). renormalize_min_share: then rescale the rest to sum to one

@@ -30,6 +30,8 @@ from duet_jax.bo.runtime import x64
 __all__ = [
     "x64",
     "GPParams",
+    "Constrained",
+    "constrain",
     "Posterior",
     "kernel_matrix",
     "cholesky_jittered",
@@ -64,6 +66,7 @@ class Constrained(NamedTuple):
 
 
 def constrain(p: GPParams, cfg: BOConfig) -> Constrained:
+    """Length scales, signal variance and noise variance from the unconstrained parameters."""
     dt = p.raw_lengthscale.dtype
     ls = jnp.asarray(cfg.lengthscale_floor, dt) + jnp.exp(p.raw_lengthscale)
     if cfg.prior == "lognormal":
