@@ -135,7 +135,9 @@ class Duet:
             raise ConfigError(f"in_domain mode needs the target {target.name!r} among the domains")
         return domains, target
 
-    def prepare(self) -> Prepared:
+    def prepare(self, *, target: bool = True) -> Prepared:
+        """Splits, the encoded pool (and its frozen-trunk cache), the IF weights and, with
+        ``target=True``, the unseen task's evaluation set (``duet-jax influence`` skips it)."""
         cfg = self.config
         spec = SplitSpec(validation=_size(cfg.validation), evaluation=_size(cfg.evaluation))
         domains, target = self._domains()
@@ -176,7 +178,8 @@ class Duet:
         prep = Prepared(names, pool, domain_of, pool_examples, graphdef, lora0, frozen, start, tok, enc,
                         target_examples)
         prep.available = np.bincount(domain_of, minlength=len(names))
-        self._prepare_target(prep)
+        if target:
+            self._prepare_target(prep)
         self._prepare_weights(prep, val)
         return prep
 

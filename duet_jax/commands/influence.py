@@ -35,7 +35,7 @@ def main(args: argparse.Namespace) -> int:
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
     duet = Duet(config, out, log=log, progress=sys.stderr.isatty())
     duet.dir.mkdir(parents=True, exist_ok=True)
-    prep = duet.prepare()
+    prep = duet.prepare(target=False)  # the unseen task is not needed here
     if args.json:
         json.dump(prep.influence, sys.stdout, indent=2)
         print()

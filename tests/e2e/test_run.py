@@ -196,3 +196,22 @@ def test_help_documents_every_option():
                 assert f"--{f.name}.{g.name}" in text
         else:
             assert f"--{f.name}" in text
+
+
+def test_influence_command_alone_matches_the_run(smoke_run, tmp_path, capsys):
+    """`duet-jax influence` computes the same per-domain scores as the run's influence step, without
+    preparing the unseen task, and prints the per-domain summary as JSON."""
+    from duet_jax.cli import main
+
+    d_ref, _ = smoke_run
+    out = tmp_path / "inf"
+    rc = main(["influence", "--preset", "smoke", "--feedback.metric", "neg_loss", "--feedback.examples", "16",
+               "--out_dir", str(out), "--json"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    cfg = preset("smoke", **SMOKE)
+    assert set(summary) == set(cfg.domains)
+    for s in summary.values():
+        assert s["examples"] > 0 and np.isfinite(s["score_mean"])
+    got = np.load(out / "influence" / "scores.npy")
+    np.testing.assert_allclose(got, np.load(d_ref / "influence" / "scores.npy"), rtol=1e-5, atol=1e-6)
