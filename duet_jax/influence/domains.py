@@ -40,7 +40,7 @@ from duet_jax.train.forward import slot_logprobs
 from duet_jax.train.pool import Pool
 from duet_jax.train.trainer import TrainConfig, finetune
 
-__all__ = ["DomainScores", "domain_influence", "example_loss_fn"]
+__all__ = ["DomainScores", "domain_influence", "example_loss_fn", "featurize_pool", "length_chunks"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +62,56 @@ def example_loss_fn(graphdef, start: int) -> Callable:
         return -jnp.sum(lp * m) / jnp.maximum(jnp.sum(m), 1.0)
 
     return loss
+
+
+def length_chunks(pool: Pool, chunk: int, bucket: int = 16) -> list[tuple[np.ndarray, Pool]]:
+    """Pool rows sorted by real length, cut into chunks of ``chunk`` rows, each trimmed to its
+    longest row rounded up to ``bucket`` tokens (host arrays).
+
+    A short chunk (the last one) is filled up with repeats of its own rows, so every chunk has
+    exactly ``chunk`` rows (one compiled program per length, not per remainder). Trimming is exact:
+    positions past a row's length are masked, and the answer slots lie inside the row.
+
+    Returns:
+      ``[(rows, sub_pool)]``: ``rows`` int ``[<= chunk]`` the pool rows a chunk holds (its first
+      ``len(rows)`` entries; the rest are repeats to drop).
+    """
+    att = np.asarray(pool.attention_mask)
+    lengths = att.sum(1)
+    order = np.argsort(lengths, kind="stable")
+    out = []
+    for s in range(0, order.size, chunk):
+        rows = order[s:s + chunk]
+        full = np.resize(rows, chunk)
+        T = int(min(pool.length, -(-max(int(lengths[rows].max()), 1) // bucket) * bucket))
+        sub = jax.tree.map(lambda a, full=full: np.asarray(a)[full], pool)
+        sub = dataclasses.replace(sub, input_ids=sub.input_ids[:, :T], attention_mask=sub.attention_mask[:, :T],
+                                  hidden=None if sub.hidden is None else sub.hidden[:, :T])
+        out.append((rows, sub))
+    return out
+
+
+def featurize_pool(scorer: InfluenceScorer, lora, pool: Pool, frozen, *, bucket: int = 16,
+                   chunks: list | None = None, return_flags: bool = False):
+    """``scorer.featurize`` over a pool, chunk by chunk at each chunk's own (bucketed) length.
+
+    ``scorer`` must use a loss like :func:`example_loss_fn` (``loss(lora, example, frozen)``); its
+    ``batch_size`` is the chunk size. A pool of short QA rows padded to a long ``max_length`` costs
+    only its real lengths. Pass ``chunks`` (from :func:`length_chunks`) to reuse the host slices.
+
+    Returns:
+      ``[N, k]`` float32 numpy in pool row order (and ``valid [N]`` with ``return_flags``).
+    """
+    chunks = length_chunks(pool, scorer.options.batch_size, bucket) if chunks is None else chunks
+    feats, valid = None, np.zeros(len(pool), bool)
+    for rows, sub in chunks:
+        f, ok = scorer.featurize(lora, sub, context=frozen, return_flags=True)
+        f = np.asarray(f)
+        if feats is None:
+            feats = np.zeros((len(pool), f.shape[1]), np.float32)
+        feats[rows] = f[: rows.size]
+        valid[rows] = np.asarray(ok)[: rows.size]
+    return (feats, valid) if return_flags else feats
 
 
 def _host(pool: Pool, rows: np.ndarray) -> Pool:
