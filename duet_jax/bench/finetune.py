@@ -430,39 +430,74 @@ def _vm_hwm_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _vm_rss_mib() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def _rss_child(side: str, model_dir: str, ids_path: str, seq: int, batch: int, steps: int,
                remat: bool = False) -> None:
-    """Run in a fresh interpreter: load, fine-tune ``steps`` steps at ``batch x seq``, print JSON."""
+    """Run in a fresh interpreter: load, fine-tune ``steps`` steps at ``batch x seq``, print JSON.
+
+    Ours records ``stages``: ``[name, VmRSS, VmHWM]`` in MiB after the imports, the model load, the
+    pool, attaching the adapter, the ahead-of-time compile of the training program (which
+    ``finetune`` then reuses: ``compiles`` counts the programs in ``finetune``'s jit cache) and the
+    run; and the compiled program's own accounting (``compiled_*_mib``: arguments = the weights,
+    temp = activations and workspace)."""
     arr = np.load(ids_path)
     out = {"side": side}
     if side == "ours":
+        stages = []
+        stage = lambda name: stages.append([name, _vm_rss_mib(), _vm_hwm_mib()])
         import jax
 
         from duet_jax.data.encode import TokenizedSplit
         from duet_jax.models import load_model
-        from duet_jax.train import TrainConfig, build_pool, finetune
+        from duet_jax.train import TrainConfig, build_pool, finetune, trainer
 
+        stage("imports")
         model = load_model(model_dir)
         out["after_load_mib"] = _vm_hwm_mib()
+        stage("load_model")
         t = TokenizedSplit(arr["input_ids"], arr["loss_mask"], arr["lengths"], arr["prompt_lengths"],
                            arr["answer_lengths"], tuple(str(i) for i in range(len(arr["lengths"]))),
                            (seq,), (), 0, int(arr["pad_id"]))
         pool, _ = build_pool(t, length=seq)
+        stage("build_pool")
         g, lora, frozen, _ = _with_lora(model, ATTN, None)
-        from duet_jax.train import trainer
-
+        del model
+        stage("add_lora")
         cfg = TrainConfig(steps=steps, batch_size=batch, remat=remat)
         out["remat"] = remat
         idx = jax.numpy.arange(len(pool), dtype=jax.numpy.int32)
-        trainer._finetune_jit.lower(g, lora, frozen, pool, idx, jax.random.key(0), config=cfg,
-                                    steps=steps, start=0).compile()  # read-only reuse: AOT compile
+        compiled = trainer._finetune_jit.lower(g, lora, frozen, pool, idx, jax.random.key(0), config=cfg,
+                                               steps=steps, start=0).compile()
         out["after_compile_mib"] = _vm_hwm_mib()
+        stage("compile")
+        try:
+            ma = compiled.memory_analysis()
+            out["compiled_argument_mib"] = ma.argument_size_in_bytes / 2**20
+            out["compiled_temp_mib"] = ma.temp_size_in_bytes / 2**20
+            out["compiled_output_mib"] = ma.output_size_in_bytes / 2**20
+        except Exception:  # not every backend reports it
+            pass
+        del compiled
         t0 = _now()
         r = finetune(g, lora, frozen, pool, np.arange(len(pool), dtype=np.int32), jax.random.key(0),
                      cfg, start=0)
         np.asarray(r.losses)
         out["seconds_incl_compile"] = _now() - t0
+        stage("finetune")
+        out["compiles"] = trainer._finetune_jit._cache_size()
+        out["losses"] = np.asarray(r.losses).tolist()
         out["pool_seq"] = pool.length
+        out["stages"] = stages
     else:
         import torch
         import transformers
@@ -517,7 +552,10 @@ def _rss_case(s_model, tokenizer, examples, *, seq, batch, steps, peer, remat=Fa
     c = _case("peak_rss", n, o.get("seconds_incl_compile"), n if pe.get("seconds_incl_compile") else None,
               pe.get("seconds_incl_compile"), seq=seq, batch=batch, steps=steps,
               ours_peak_rss_mib=o.get("peak_rss_mib"), ours_after_load_mib=o.get("after_load_mib"),
-              ours_after_compile_mib=o.get("after_compile_mib"),
+              ours_after_compile_mib=o.get("after_compile_mib"), ours_stages=o.get("stages"),
+              ours_compiled_temp_mib=o.get("compiled_temp_mib"),
+              ours_compiled_argument_mib=o.get("compiled_argument_mib"),
+              ours_compiles=o.get("compiles"), ours_losses=o.get("losses"),
               peer_peak_rss_mib=pe.get("peak_rss_mib"), peer_after_load_mib=pe.get("after_load_mib"),
               goal_mib=4096, ours_meets_goal=(o.get("peak_rss_mib") or 1e18) < 4096, remat=remat,
               note="examples/s here are steps x batch over the time of the timed call (ours: a "
