@@ -51,6 +51,9 @@ class TrainSection:
     schedule: str = _f("cosine", "cosine, linear or constant after warm-up")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient clipping by global norm (0: off)")
+    remat: bool = _f(False, "recompute each layer in the backward pass instead of storing its "
+                            "activations: far less memory (8 x 256 on SmolLM2: 3.3 GiB peak "
+                            "instead of 6.2), about 20% slower on CPU")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

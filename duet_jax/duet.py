@@ -278,7 +278,8 @@ class Duet:
         return TrainConfig(epochs=t.epochs if epochs is None else epochs, batch_size=t.batch_size,
                            grad_accum=t.grad_accum, learning_rate=t.learning_rate,
                            warmup_ratio=t.warmup_ratio, schedule=t.schedule,
-                           weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)
+                           weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+                           remat=t.remat)
 
     # ------------------------------------------------------------------------------ evaluation
     def _feedback_values(self, prep: Prepared, loras, ratio: np.ndarray, index: int, phase_round: int,
