@@ -260,8 +260,10 @@ def regret_markdown(table: dict) -> str:
 def main(args) -> int:
     import sys
 
-    log = None if args.json else (lambda s: print(s, flush=True))
-    if not args.no_peer and not _have_botorch() and log:
+    # with --json, stdout is the JSON alone and the progress lines go to stderr
+    stream = sys.stderr if args.json else sys.stdout
+    log = lambda s: print(s, file=stream, flush=True)  # noqa: E731
+    if not args.no_peer and not _have_botorch():
         log("botorch is not installed (make bench-setup): timing ours only", )
     out = run(quick=args.quick, dims=args.dims, seeds=args.seeds, peer_seeds=args.peer_seeds,
               evals=args.evals, sizes=args.sizes, repeats=args.repeats, peer=not args.no_peer,
