@@ -419,26 +419,25 @@ def _eval_case(s: _Setup, *, batch, repeats, peer, peak_fn, last_layers=4):
 
 
 # ------------------------------------------------------------------------------------ peak RSS
-def _vm_hwm_mib() -> float:
+def _proc_status_mib(field: str) -> float | None:
+    """``field`` (e.g. ``VmHWM``) of /proc/self/status in MiB, or None where there is none."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _vm_rss_mib() -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return None
+
+
+def _vm_hwm_mib() -> float:
+    hwm = _proc_status_mib("VmHWM")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if hwm is None else hwm
+
+
+def _vm_rss_mib() -> float | None:
+    return _proc_status_mib("VmRSS")
 
 
 def _rss_child(side: str, model_dir: str, ids_path: str, seq: int, batch: int, steps: int,
