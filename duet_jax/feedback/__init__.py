@@ -13,10 +13,12 @@ from duet_jax.feedback.sources import (
                                        CommandFeedback,
                                        FeedbackRequest,
                                        FeedbackSource,
+                                       check_feedback_config,
                                        parse_feedback,
 )
 
 __all__ = [
-    "CallableFeedback", "CommandFeedback", "FeedbackRequest", "FeedbackSource", "choice_byte_lengths",
+    "CallableFeedback", "CommandFeedback", "FeedbackRequest", "FeedbackSource", "check_feedback_config",
+    "choice_byte_lengths",
     "exact_match", "extract_number", "mc_accuracy", "normalize_answer", "parse_feedback",
 ]
