@@ -87,7 +87,7 @@ def load_tokenizer(spec: str | os.PathLike):
             raise TokenizerError(f"GGUF file not found: {path}")
         return tokenizer_from_gguf(path)
     if path.is_dir():
-        return _from_pretrained(str(path), local=True)
+        return _from_directory(path)
     if path.exists():
         raise TokenizerError(
             f"cannot load a tokenizer from the file {path}: expected a .gguf file, a directory with "
@@ -104,6 +104,31 @@ def load_tokenizer(spec: str | os.PathLike):
             f"Use a local directory or .gguf file, or a built-in name: {', '.join(sorted(BUILTIN_MODELS))}"
         )
     return _from_pretrained(text, local=False)
+
+
+#: files a Hugging Face tokenizer can be loaded from (one is enough)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _from_directory(path: Path):
+    """A local directory, resolved like :func:`duet_jax.models.resolve_spec` resolves a model
+    directory: Hugging Face files first, else its single ``.gguf``; otherwise say what is missing
+    (not transformers' hint about sentencepiece)."""
+    has_config = (path / "config.json").is_file()
+    tok_files = [f for f in TOKENIZER_FILES if (path / f).is_file()]
+    if tok_files:
+        return _from_pretrained(str(path), local=True)
+    ggufs = sorted(path.glob("*.gguf"))
+    if not has_config and len(ggufs) == 1:
+        return tokenizer_from_gguf(ggufs[0])
+    if not has_config:
+        what = f"{len(ggufs)} .gguf files (name one)" if ggufs else "no .gguf file"
+        raise TokenizerError(
+            f"directory {path} has no config.json and {what}: it is not a model directory (a Hugging "
+            "Face model directory holds config.json, model.safetensors and tokenizer.json)")
+    raise TokenizerError(
+        f"directory {path} has config.json but no tokenizer file ({', '.join(TOKENIZER_FILES)}); "
+        "copy the model's tokenizer files into it")
 
 
 def _from_pretrained(name: str, *, local: bool):
@@ -168,6 +193,9 @@ def _build_from_gguf(path: Path):
 
         reader = GGUFReader(str(path))
     except Exception as e:
+        from duet_jax.models.gguf import check_gguf_size
+
+        check_gguf_size(path, TokenizerError)  # a truncated file says so
         raise TokenizerError(f"cannot read GGUF file {path}: {e}") from e
 
     def field(name, default=None):

@@ -8,6 +8,9 @@
 * Dequantising takes seconds (~10 s for SmolLM2-135M), so the float32 tensors are cached as one
   safetensors file under ``duet_jax.assets.cache_dir()/gguf``, keyed by the GGUF's path, size and
   modification time, with the config in its metadata. A second load reads only that file.
+* A file cut short (an interrupted download or copy) is reported as such:
+  ``... is truncated (expected N bytes, found M)`` (:func:`gguf_truncation` reads the header and
+  tensor table to work out N).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +38,8 @@ __all__ = [
     "permute_qk",
     "unpermute_qk",
     "supported_quant_types",
+    "gguf_truncation",
+    "check_gguf_size",
 ]
 
 CACHE_FORMAT = 1  # bump when the cached layout changes
@@ -120,16 +126,136 @@ def _metadata(reader) -> dict[str, Any]:
     return meta
 
 
+# ---------------------------------------------------------------------------------------- truncation
+class _Short(Exception):
+    """The file ends before the byte ``need``."""
+
+    def __init__(self, need: int):
+        self.need = need
+
+
+# GGUF metadata value types -> size in bytes of a scalar (8: string, 9: array are variable)
+_SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def gguf_truncation(path: str | Path) -> tuple[int, int, bool] | None:
+    """``(expected, found, exact)`` when the GGUF file at ``path`` is shorter than its header says,
+    else ``None``.
+
+    ``expected`` is the end of the last tensor's data (``exact``) or, when the file ends inside the
+    header or the tensor table, the least size that the part read so far needs (``exact`` False).
+    ``None`` also when the file is not a little-endian GGUF or uses a tensor type whose size is not
+    known (then nothing can be said).
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        pos = 0
+
+        def read(n: int) -> bytes:
+            nonlocal pos
+            b = f.read(n)
+            if len(b) < n:
+                raise _Short(pos + n)
+            pos += n
+            return b
+
+        def u32() -> int:
+            return struct.unpack("<I", read(4))[0]
+
+        def u64() -> int:
+            return struct.unpack("<Q", read(8))[0]
+
+        def skip(n: int) -> None:
+            nonlocal pos
+            if pos + n > size:
+                raise _Short(pos + n)
+            f.seek(n, os.SEEK_CUR)
+            pos += n
+
+        def skip_value(vtype: int, depth: int = 0) -> None:
+            if vtype in _SCALAR_SIZE:
+                skip(_SCALAR_SIZE[vtype])
+            elif vtype == 8:
+                skip(u64())
+            elif vtype == 9 and depth < 4:
+                etype, count = u32(), u64()
+                if etype in _SCALAR_SIZE:
+                    skip(_SCALAR_SIZE[etype] * count)
+                else:
+                    for _ in range(count):
+                        skip_value(etype, depth + 1)
+            else:
+                raise ValueError(f"unknown metadata type {vtype}")
+
+        try:
+            if read(4) != b"GGUF":
+                return None
+            version = u32()
+            if version not in (2, 3):
+                return None
+            n_tensors, n_kv = u64(), u64()
+            if n_tensors > 1 << 24 or n_kv > 1 << 24:
+                return None  # not a plausible header (e.g. big-endian)
+            alignment = 32
+            for _ in range(n_kv):
+                key = read(u64()).decode("utf-8", "replace")
+                vtype = u32()
+                if key == "general.alignment" and vtype == 4:
+                    alignment = u32()
+                else:
+                    skip_value(vtype)
+            infos = []
+            for _ in range(n_tensors):
+                skip(u64())  # the name
+                n_dims = u32()
+                if n_dims > 8:
+                    return None
+                dims = [u64() for _ in range(n_dims)]
+                ttype, offset = u32(), u64()
+                infos.append((dims, ttype, offset))
+        except _Short as e:
+            return (e.need, size, False) if e.need > size else None
+        except (ValueError, struct.error, OverflowError):
+            return None
+    import gguf
+
+    if alignment <= 0 or alignment & (alignment - 1):
+        return None
+    data_start = pos + (-pos) % alignment
+    end = data_start
+    for dims, ttype, offset in infos:
+        try:
+            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
+        except (ValueError, KeyError):
+            return None
+        n = int(np.prod(dims, dtype=np.int64)) if dims else 1
+        end = max(end, data_start + offset + n // block * type_size)
+    return (end, size, True) if end > size else None
+
+
+def check_gguf_size(path: str | Path, error: type[Exception] = ModelError) -> None:
+    """Raise ``error`` ("<path> is truncated (expected N bytes, found M) ...") when the GGUF file
+    is shorter than its header says; do nothing otherwise (other damage is left to the reader)."""
+    t = gguf_truncation(path)
+    if t is not None:
+        expected, found, exact = t
+        raise error(f"GGUF file {path} is truncated (expected {'' if exact else 'at least '}{expected} "
+                    f"bytes, found {found}): an interrupted download or copy? Fetch it again")
+
+
 def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """Read and dequantise a GGUF file: its config and float32 tensors under HF names.
 
     Raises:
-      ModelError: unsupported architecture, an unsupported quantisation type, a tensor with no
-        Hugging Face counterpart (every problem listed at once).
+      ModelError: a truncated file ("truncated (expected N bytes, found M)"), unsupported
+        architecture, an unsupported quantisation type, a tensor with no Hugging Face counterpart
+        (every problem listed at once).
     """
     import gguf
 
     path = Path(path)
+    check_gguf_size(path)
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:

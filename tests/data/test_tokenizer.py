@@ -47,7 +47,7 @@ def test_errors(tmp_path, monkeypatch):
     with pytest.raises(TokenizerError, match="not found"):
         load_tokenizer(tmp_path / "nope.gguf")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(TokenizerError, match="cannot load a tokenizer"):
+    with pytest.raises(TokenizerError, match="has no config.json and no .gguf file"):
         load_tokenizer(tmp_path / "empty")
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf file at all")
@@ -55,3 +55,38 @@ def test_errors(tmp_path, monkeypatch):
         load_tokenizer(bad)
     with pytest.raises(TokenizerError, match="no such file"):
         load_tokenizer("./missing/dir")
+
+
+def test_model_directory_without_config_json_says_so(tmp_path):
+    """Issue 11: not transformers' hint about sentencepiece."""
+    d = tmp_path / "weights_only"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(b"")
+    with pytest.raises(TokenizerError) as e:
+        load_tokenizer(d)
+    assert f"directory {d} has no config.json and no .gguf file" in str(e.value)
+    assert "sentencepiece" not in str(e.value)
+    write_gguf_tokenizer(d / "a.gguf")
+    write_gguf_tokenizer(d / "b.gguf")
+    with pytest.raises(TokenizerError, match="no config.json and 2 .gguf files"):
+        load_tokenizer(d)
+
+
+def test_directory_with_config_json_but_no_tokenizer(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(TokenizerError, match="has config.json but no tokenizer file"):
+        load_tokenizer(tmp_path)
+
+
+def test_directory_with_a_single_gguf_uses_it(tmp_path, tmp_cache):
+    write_gguf_tokenizer(tmp_path / "model.gguf")
+    tok = load_tokenizer(tmp_path)
+    assert tok.encode(TEXTS[0]) == tiny_tokenizer(chat=True).encode(TEXTS[0])
+
+
+def test_truncated_gguf_tokenizer_says_truncated(tmp_path, tmp_cache):
+    data = write_gguf_tokenizer(tmp_path / "t.gguf").read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TokenizerError, match=rf"truncated \(expected at least \d+ bytes, found {len(data) // 2}\)"):
+        load_tokenizer(cut)
