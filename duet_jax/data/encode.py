@@ -10,9 +10,13 @@ assistant turn; the suffix is the end-of-turn marker, so the model learns to sto
 plain template is ``prompt + answer + eos`` (plus BOS where the tokenizer adds one).
 
 Too long: the prompt is cut from the LEFT (its end, next to the answer, is kept) and the template
-and answer are kept whole. An example whose template + answer alone exceed ``max_length`` is
-skipped; skipped examples are counted and listed in :attr:`TokenizedSplit.skipped`, never dropped
-silently.
+and answer are kept whole. An example is skipped when its answer fills the window: the template +
+answer leave no room for even one prompt token (e.g. a long gsm8k solution at ``max_length`` 128,
+and also when they fit exactly), or nothing at all would precede the answer. An answer is never
+cut (a truncated answer teaches a wrong answer). So every kept example has at least one token
+before its first loss token, which the next-token loss needs (the pool refuses an example whose
+first token carries loss). Skipped examples are counted and listed in
+:attr:`TokenizedSplit.skipped`, never dropped silently.
 
 Lengths are padded up to a few bucket lengths, so jitted code compiles once per bucket, not once
 per batch. The convention for next-token loss: logits at position t predict ``input_ids[t + 1]``,
@@ -88,7 +92,8 @@ class TokenizedSplit:
         scoring sums over: positions ``prompt_lengths <= t < prompt_lengths + answer_lengths``).
       ids: the examples' ids (row order = the order of the kept examples).
       bucket_lengths: the padded lengths in use.
-      skipped: ``(example id, tokens needed)`` of examples whose answer alone did not fit.
+      skipped: ``(example id, tokens needed)`` of examples whose answer filled the window (the
+        template + answer left no room for one prompt token; see the module docstring).
       truncated: number of kept examples whose prompt was cut from the left.
       pad_id: the padding token id.
     """
@@ -190,8 +195,9 @@ def encode_examples(
     rows_ids, rows_mask, lengths, p_lens, a_lens, ids, skipped = [], [], [], [], [], [], []
     truncated = 0
     for ex, p, a in zip(examples, p_ids, a_ids, strict=True):
-        room = L - fixed - len(a)
-        if room < 0:
+        room = L - fixed - len(a)  # tokens left for the prompt
+        # keep at least one prompt token (when there is a prompt), and something before the answer
+        if room < min(1, len(p)) or len(prefix) + min(len(p), room) + len(mid) == 0:
             skipped.append((ex.id, fixed + len(a) + len(p)))
             continue
         if len(p) > room:

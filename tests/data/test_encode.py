@@ -92,3 +92,68 @@ def test_bad_config():
         EncodeConfig(max_length=4)
     with pytest.raises(ConfigError):
         EncodeConfig(chat_template="sometimes")
+
+
+def _answer_filling(tok, chat, extra):
+    """An answer and a max_length leaving exactly ``extra`` tokens for the prompt."""
+    from duet_jax.data.encode import template_parts
+
+    cfg = EncodeConfig(max_length=64, buckets=(), chat_template="auto" if chat else "never")
+    prefix, mid, suffix, _ = template_parts(tok, cfg)
+    answer = " " + " ".join(f"step {i} gives {i * 7}" for i in range(6)) + " #### 42"
+    a = tok(answer.strip() if chat else answer, add_special_tokens=False)["input_ids"]
+    return answer, len(prefix) + len(mid) + len(suffix) + len(a) + extra, len(prefix)
+
+
+@pytest.mark.parametrize("tok", [CHAT, PLAIN], ids=["chat", "plain"])
+@pytest.mark.parametrize("extra", [-5, 0, 1, 3])
+def test_answer_that_fills_the_window_is_skipped_never_a_stop(tok, extra):
+    """Issue 11 (gsm8k at max_length 128): an answer longer than, or exactly filling, the window is
+    skipped and counted; with room for one prompt token the example is kept, something precedes
+    its first loss token, and the pool accepts it."""
+    from duet_jax.train.pool import build_pool
+
+    chat = tok is CHAT
+    answer, max_length, n_prefix = _answer_filling(tok, chat, extra)
+    prompt = "Natalia sold clips to 48 of her friends in April. How many?"
+    exs = [ex(prompt, answer, 0), ex("q", " 1", 1)]
+    t = encode_examples(exs, tok, EncodeConfig(max_length=max_length, buckets=(),
+                                               chat_template="auto" if chat else "never"))
+    if extra <= 0:
+        assert t.ids == ("t-1",) and [s[0] for s in t.skipped] == ["t-0"]
+        assert t.skipped[0][1] > max_length and t.summary()["skipped"] == 1
+    else:
+        assert t.ids == ("t-0", "t-1") and t.skipped == ()
+        assert t.lengths[0] == max_length and t.truncated == 1
+        n = t.lengths[0]
+        p0, na = t.prompt_lengths[0], t.answer_lengths[0]
+        assert tok.decode(t.input_ids[0, p0:p0 + na]).strip() == answer.strip()  # the answer is whole
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        kept = t.input_ids[0, n_prefix:n_prefix + extra].tolist()
+        assert kept == p_ids[-extra:]  # the prompt's end is kept, as many tokens as there is room for
+        assert t.loss_mask[0, :n].sum() == n - p0
+    assert (t.loss_mask[:, 0] == 0).all() and (t.prompt_lengths >= 1).all()
+    build_pool(t)  # raised "an example's first token carries loss" for the plain template
+
+
+def test_nothing_before_the_answer_is_skipped():
+    """Plain template without BOS and an empty prompt: nothing would predict the first token."""
+    t = encode_examples([ex("", " 4", 0), ex("2 + 2 =", " 4", 1)], PLAIN,
+                        EncodeConfig(max_length=16, buckets=(), chat_template="never"))
+    assert t.ids == ("t-1",) and [s[0] for s in t.skipped] == ["t-0"]
+
+
+@given(st.integers(0, 30), st.integers(1, 30), st.integers(8, 40), st.booleans())
+def test_every_kept_example_has_a_token_before_its_loss_property(n_prompt, n_answer, max_length, chat):
+    from duet_jax.data.encode import template_parts
+
+    tok = CHAT if chat else PLAIN
+    e = ex(" ".join(["w"] * n_prompt), " " + " ".join(["a"] * n_answer))
+    cfg = EncodeConfig(max_length=max_length, buckets=(), chat_template="auto" if chat else "never")
+    t = encode_examples([e], tok, cfg)
+    assert len(t) + len(t.skipped) == 1
+    if len(t):
+        first_loss = int(np.flatnonzero(t.loss_mask[0])[0])
+        assert first_loss >= 1 and first_loss == t.prompt_lengths[0]
+        prefix, mid, _, _ = template_parts(tok, cfg)
+        assert t.prompt_lengths[0] - len(prefix) - len(mid) >= min(1, n_prompt)  # a prompt token kept
