@@ -128,7 +128,10 @@ def parse_feedback(stdout: str) -> float:
         if isinstance(fb, bool) or not isinstance(fb, int | float):
             raise _fail("the JSON object on the last line of the feedback command's output has no "
                         f"numeric 'feedback' field (got {fb!r})", stdout)
-        value = float(fb)
+        try:
+            value = float(fb)
+        except OverflowError:  # an integer beyond float range
+            value = math.inf
     if value is None:
         raise _fail("the last line of the feedback command's output is not a feedback value (expected "
                     "a bare number, a JSON object with a numeric 'feedback' field, or "

@@ -67,7 +67,8 @@ def test_anything_else_fails_with_the_output_tail(out):
 
 
 @pytest.mark.parametrize("out", ["", "  \n\n", "nan", "-inf", "inf", "feedback: nan", "FEEDBACK=inf",
-                                 '{"feedback": NaN}', '{"feedback": Infinity}', "1e999"])
+                                 '{"feedback": NaN}', '{"feedback": Infinity}', "1e999",
+                                 '{"feedback": 1%s}' % ("0" * 400)])
 def test_empty_or_nonfinite_fails(out):
     with pytest.raises(FeedbackError, match="printed nothing|not a finite number"):
         parse_feedback(out)
