@@ -14,6 +14,12 @@ The forward comes in pieces, so callers can build what they need without rewriti
 
 ``model(tokens)`` is the whole thing; ``model.forward(tokens, cache=...)`` also returns the KV cache.
 
+Stacked layers: the decoder layers are stored as a few :class:`LayerStack` s, each holding ``count``
+consecutive layers of the same structure (the same adapters, the same attention window) with every
+parameter stacked along a leading ``[count]`` axis, and run with ``lax.scan``: the layer is traced
+and compiled once per stack, so compile time does not grow with depth. A plain model is one stack;
+``add_lora`` on the last L layers splits it into a frozen stack and an adapted one.
+
 Shapes: B batch, T new tokens, S cache slots, D model width, N query heads, K KV heads,
 G = N // K query heads per KV head, H head width, V vocabulary.
 
@@ -40,7 +46,11 @@ __all__ = [
     "Attention",
     "MLP",
     "DecoderLayer",
+    "LayerStack",
     "LlamaModel",
+    "stack_modules",
+    "slice_module",
+    "remat_policy",
     "KVCache",
     "rope_cos_sin",
     "apply_rope",
@@ -186,19 +196,19 @@ def causal_mask(q_slots_t: Array, kv_valid_bs: Array, window: int | None = None)
 
 # ---------------------------------------------------------------------------------------- cache
 class KVCache(NamedTuple):
-    """Keys and values of every layer, ``[B, S, K, H]`` each, with the validity of every slot and the
-    next slot to write. All rows write at the same slot (prompts are left-padded)."""
+    """Keys and values of every layer, stacked: ``[L, B, S, K, H]`` each (``k[i]`` is layer ``i``),
+    with the validity of every slot and the next slot to write. All rows write at the same slot
+    (prompts are left-padded)."""
 
-    k: tuple[Array, ...]
-    v: tuple[Array, ...]
+    k: Array
+    v: Array
     valid: Array  # [B, S] bool
     index: Array  # [] int32
 
     @classmethod
     def create(cls, config: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> KVCache:
-        shape = (batch, length, config.num_kv_heads, config.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-        return cls(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+        shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    valid=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32))
 
     @property
@@ -295,6 +305,111 @@ class DecoderLayer(nnx.Module):
                 "gate": m.gate_proj, "up": m.up_proj, "down": m.down_proj}
 
 
+# ---------------------------------------------------------------------------------------- stacks
+def stack_modules(modules) -> nnx.Module:
+    """One module whose parameters are those of ``modules`` (same structure) stacked on a new leading
+    axis."""
+    parts = [nnx.split(m) for m in modules]
+    gd = parts[0][0]
+    state = jax.tree.map(lambda *xs: jnp.stack(xs), *[st for _, st in parts])
+    return nnx.merge(gd, state)
+
+
+def slice_module(module: nnx.Module, lo: int, hi: int) -> nnx.Module:
+    """A copy of a stacked module holding entries ``lo .. hi-1`` of its leading axis."""
+    gd, state = nnx.split(module)
+    return nnx.merge(gd, jax.tree.map(lambda x: x[lo:hi], state))
+
+
+def _concat_modules(modules) -> nnx.Module:
+    parts = [nnx.split(m) for m in modules]
+    state = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *[st for _, st in parts])
+    return nnx.merge(parts[0][0], state)
+
+
+def remat_policy(remat) -> object | None:
+    """``False`` / ``None`` -> no remat; ``True`` -> save nothing (recompute each layer from its
+    input); a string -> that ``jax.checkpoint_policies`` entry (e.g.
+    ``"dots_with_no_batch_dims_saveable"``: keep the matmul outputs, recompute the rest)."""
+    if remat is None or remat is False:
+        return None
+    if remat is True:
+        return jax.checkpoint_policies.nothing_saveable
+    if isinstance(remat, str):
+        pol = getattr(jax.checkpoint_policies, remat, None)
+        if pol is None or remat.startswith("_"):
+            raise ModelError(f"unknown remat policy {remat!r}; use a jax.checkpoint_policies name "
+                             "such as nothing_saveable or dots_with_no_batch_dims_saveable")
+        return pol
+    if callable(remat):
+        return remat
+    raise ModelError(f"remat must be a bool or a jax.checkpoint_policies name, got {remat!r}")
+
+
+class LayerStack(nnx.Module):
+    """Layers ``first .. first+count-1``, all of the same structure and attention ``window``, stored
+    as one :class:`DecoderLayer` whose parameters carry a leading ``[count]`` axis."""
+
+    def __init__(self, layer: DecoderLayer, *, first: int, count: int, window: int | None):
+        self.first = int(first)
+        self.count = int(count)
+        self.window = window
+        self.layer = layer
+
+    @property
+    def stop(self) -> int:
+        return self.first + self.count
+
+    def structure(self):
+        """What must match for two stacks to be joined: the layer's graph and the window."""
+        return nnx.graphdef(self.layer), self.window
+
+    def run(self, h: Array, cos: Array, sin: Array, mask_bts: Array, *, lo: int, hi: int,
+            kv: tuple[Array, Array] | None = None, index: Array | None = None,
+            dropout_key: Array | None = None, remat=False) -> tuple[Array, tuple | None]:
+        """Layers ``first+lo .. first+hi-1`` in ``lax.scan`` (one traced layer). ``kv`` is the
+        whole model's stacked cache ``([L, B, S, K, H], ...)``, carried and updated in place at each
+        layer's index. ``remat`` (see :func:`remat_policy`) checkpoints the scanned layer, so under
+        ``grad`` only each layer's input is stored and the backward loop recomputes one layer per
+        iteration."""
+        gd, state = nnx.split(self.layer)
+        if (lo, hi) != (0, self.count):
+            state = jax.tree.map(lambda x: x[lo:hi], state)
+        layer_ids = jnp.arange(self.first + lo, self.first + hi, dtype=jnp.int32)
+
+        def body(carry, xs):
+            x, cache_kv = carry
+            st, i = xs
+            layer = nnx.merge(gd, st)
+            key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+            if cache_kv is None:
+                x, _ = layer(x, cos, sin, mask_bts, dropout_key=key)
+                return (x, None), None
+            kl = (jax.lax.dynamic_index_in_dim(cache_kv[0], i, 0, keepdims=False),
+                  jax.lax.dynamic_index_in_dim(cache_kv[1], i, 0, keepdims=False))
+            x, (nk, nv) = layer(x, cos, sin, mask_bts, kv=kl, index=index, dropout_key=key)
+            cache_kv = (jax.lax.dynamic_update_index_in_dim(cache_kv[0], nk, i, 0),
+                        jax.lax.dynamic_update_index_in_dim(cache_kv[1], nv, i, 0))
+            return (x, cache_kv), None
+
+        policy = remat_policy(remat)
+        if policy is not None:
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        (h, kv), _ = jax.lax.scan(body, (h, kv), (state, layer_ids))
+        return h, kv
+
+
+def _window_runs(config: ModelConfig) -> list[tuple[int, int, int | None]]:
+    runs: list[list] = []
+    for i in range(config.num_layers):
+        w = config.window(i)
+        if runs and runs[-1][2] == w:
+            runs[-1][1] += 1
+        else:
+            runs.append([i, 1, w])
+    return [tuple(r) for r in runs]
+
+
 # ---------------------------------------------------------------------------------------- model
 class LlamaModel(nnx.Module):
     """The decoder with its LM head.
@@ -304,6 +419,9 @@ class LlamaModel(nnx.Module):
       dtype: compute dtype (float32 or bfloat16).
       param_dtype: storage dtype of the parameters.
       rngs: initialisation keys (use ``nnx.eval_shape`` to build an abstract model for loading).
+
+    The layers live in ``stacks`` (an ``nnx.List`` of :class:`LayerStack`); ``locate(i)`` finds
+    layer ``i`` and ``layer_linears(i)`` its projections.
     """
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -316,9 +434,12 @@ class LlamaModel(nnx.Module):
         k_emb, k_head, k_layers = jax.random.split(rngs.params(), 3)
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size,
                                       init_std=config.initializer_range, key=k_emb, **kw)
-        self.layers = nnx.List(
-            [DecoderLayer(config, key=jax.random.fold_in(k_layers, i), **kw)
-             for i in range(config.num_layers)])
+        stacks = []
+        for first, count, window in _window_runs(config):
+            layers = [DecoderLayer(config, key=jax.random.fold_in(k_layers, i), **kw)
+                      for i in range(first, first + count)]
+            stacks.append(LayerStack(stack_modules(layers), first=first, count=count, window=window))
+        self.stacks = nnx.List(stacks)
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, **kw)
         if config.tie_word_embeddings:
             self.lm_head = nnx.data(None)
@@ -330,6 +451,45 @@ class LlamaModel(nnx.Module):
     def num_layers(self) -> int:
         return self.config.num_layers
 
+    # ---- stacks
+    def locate(self, layer: int) -> tuple[int, int]:
+        """``(stack index, offset in the stack)`` of layer ``layer``."""
+        for s, st in enumerate(self.stacks):
+            if st.first <= layer < st.stop:
+                return s, layer - st.first
+        raise ModelError(f"layer {layer} outside the model's {self.num_layers} layers")
+
+    def layer_linears(self, layer: int) -> tuple[dict[str, Linear], int]:
+        """The seven projections (stacked) of the stack holding ``layer``, and its offset there."""
+        s, j = self.locate(layer)
+        return self.stacks[s].layer.linears(), j
+
+    def split_stacks(self, cuts) -> None:
+        """Split stacks so that every layer index in ``cuts`` starts a stack (in place)."""
+        cuts = sorted({int(c) for c in cuts})
+        out = []
+        for st in self.stacks:
+            inner = [c for c in cuts if st.first < c < st.stop]
+            if not inner:
+                out.append(st)
+                continue
+            bounds = [st.first, *inner, st.stop]
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+                out.append(LayerStack(slice_module(st.layer, a - st.first, b - st.first),
+                                      first=a, count=b - a, window=st.window))
+        self.stacks = nnx.List(out)
+
+    def join_stacks(self) -> None:
+        """Join neighbouring stacks of the same structure (after adapters were removed; in place)."""
+        out: list[LayerStack] = []
+        for st in self.stacks:
+            if out and out[-1].structure() == st.structure():
+                prev = out.pop()
+                st = LayerStack(_concat_modules([prev.layer, st.layer]), first=prev.first,
+                                count=prev.count + st.count, window=st.window)
+            out.append(st)
+        self.stacks = nnx.List(out)
+
     # ---- pieces
     def embed(self, tokens_bt: Array) -> Array:
         """Token ids ``[B, T]`` -> hidden states ``[B, T, D]`` entering layer 0."""
@@ -337,7 +497,7 @@ class LlamaModel(nnx.Module):
 
     def run_layers(self, h_btd: Array, *, attention_mask: Array | None = None,
                    positions: Array | None = None, start: int = 0, end: int | None = None,
-                   cache: KVCache | None = None, dropout_key: Array | None = None
+                   cache: KVCache | None = None, dropout_key: Array | None = None, remat=False
                    ) -> tuple[Array, KVCache | None]:
         """Layers ``start .. end-1`` on hidden states entering layer ``start``.
 
@@ -349,6 +509,8 @@ class LlamaModel(nnx.Module):
           cache: keys and values written at ``cache.index`` for the layers in the range; the
             returned cache has those layers updated but is not advanced (``forward`` advances it).
           dropout_key: enables LoRA dropout (one key per call; folded per layer and projection).
+          remat: recompute each layer in the backward pass (``True``, or a
+            ``jax.checkpoint_policies`` name; see :func:`remat_policy`).
 
         Returns:
           (hidden states leaving layer ``end - 1``, the cache or ``None``).
@@ -370,19 +532,19 @@ class LlamaModel(nnx.Module):
             positions = default_positions(mask_bt, offset)
         cos, sin = rope_cos_sin(self.config, positions)
         masks: dict[int | None, Array] = {}
-        ks, vs = (list(cache.k), list(cache.v)) if cache is not None else (None, None)
-        for i in range(start, end):
-            w = self.config.window(i)
-            if w not in masks:
-                masks[w] = causal_mask(q_slots, kv_valid, w)
-            kv = (ks[i], vs[i]) if cache is not None else None
-            h_btd, kv = self.layers[i](h_btd, cos, sin, masks[w], kv=kv,
-                                       index=None if cache is None else cache.index,
-                                       dropout_key=_fold(dropout_key, i))
-            if cache is not None:
-                ks[i], vs[i] = kv
+        kv = None if cache is None else (cache.k, cache.v)
+        for st in self.stacks:
+            lo, hi = max(start, st.first), min(end, st.stop)
+            if lo >= hi:
+                continue
+            if st.window not in masks:
+                masks[st.window] = causal_mask(q_slots, kv_valid, st.window)
+            h_btd, kv = st.run(h_btd, cos, sin, masks[st.window], lo=lo - st.first,
+                               hi=hi - st.first, kv=kv,
+                               index=None if cache is None else cache.index,
+                               dropout_key=dropout_key, remat=remat)
         if cache is not None:
-            cache = cache._replace(k=tuple(ks), v=tuple(vs))
+            cache = cache._replace(k=kv[0], v=kv[1])
         return h_btd, cache
 
     def final_norm(self, h_btd: Array) -> Array:

@@ -208,7 +208,9 @@ def model_from_tensors(config: ModelConfig, keys: Iterable[str],
     dtype = as_dtype(dtype)
     param_dtype = dtype if param_dtype is None else as_dtype(param_dtype)
     model = _abstract(config, dtype, param_dtype)
-    variables = {tuple(p): v for p, v in nnx.state(model, nnx.Param).flat_state()}
+    slots = _logical_slots(model)  # logical path -> (variable, index in its stack or None)
+    buffers: dict[int, np.ndarray] = {}  # id(variable) -> host buffer of the stacked array
+    owners: dict[int, Any] = {}
     filled: set[tuple] = set()
     errors: list[str] = []
     for key in keys:
@@ -217,14 +219,14 @@ def model_from_tensors(config: ModelConfig, keys: Iterable[str],
         if key == "lm_head.weight" and config.tie_word_embeddings:
             continue  # some tied checkpoints store the head anyway
         hit = param_path(key)
-        if hit is None or hit[0] not in variables:
+        if hit is None or hit[0] not in slots:
             errors.append(f"unexpected tensor {key!r}: the {config.architecture} model has no such "
                           "parameter" + (" (check attention_bias / mlp_bias / tie_word_embeddings)"
                                          if hit is not None else ""))
             continue
         path, transpose = hit
-        var = variables[path]
-        want = tuple(var.shape)
+        var, j = slots[path]
+        want = tuple(var.shape) if j is None else tuple(var.shape[1:])
         arr = get(key)
         got = tuple(arr.shape[::-1]) if (transpose and arr.ndim == 2) else tuple(arr.shape)
         filled.add(path)  # reported either way: not "missing" as well
@@ -233,13 +235,37 @@ def model_from_tensors(config: ModelConfig, keys: Iterable[str],
             errors.append(f"tensor {key!r} has shape {tuple(arr.shape)} in the {source}, "
                           f"but the model expects {shown_want}")
             continue
-        arr = arr.T if transpose else arr
-        var.set_value(jnp.asarray(np.asarray(arr), param_dtype))
-    missing = [hf_key(p) for p in variables if p not in filled]
+        arr = np.asarray(arr.T if transpose else arr)
+        if j is None:
+            var.set_value(jnp.asarray(arr, param_dtype))
+            continue
+        buf = buffers.get(id(var))
+        if buf is None:
+            buf = buffers[id(var)] = np.empty(tuple(var.shape), param_dtype)
+            owners[id(var)] = var
+        buf[j] = arr.astype(param_dtype)
+    missing = [hf_key(p) for p in slots if p not in filled]
     errors += [f"missing tensor {k!r}" for k in missing]
     if errors:
         raise ModelError(f"cannot load the {source}: {len(errors)} problem(s)\n  " + "\n  ".join(errors))
+    for vid, buf in buffers.items():
+        owners[vid].set_value(jnp.asarray(buf))
     return model
+
+
+def _logical_slots(model: LlamaModel, flt=nnx.Param) -> dict[tuple, tuple[Any, int | None]]:
+    """Every parameter under its logical path (``("layers", i, "self_attn", "q_proj", "kernel")``
+    or a global one) -> (its variable, the layer's index in the variable's stack, or None)."""
+    out: dict[tuple, tuple[Any, int | None]] = {}
+    for path, var in nnx.state(model, flt).flat_state():
+        path = tuple(path)
+        if path[0] == "stacks":
+            st = model.stacks[path[1]]
+            for j in range(st.count):
+                out[("layers", st.first + j, *path[3:])] = (var, j)
+        else:
+            out[path] = (var, None)
+    return out
 
 
 # ---------------------------------------------------------------------------------------- sources
@@ -347,9 +373,11 @@ def hf_state_dict(model: LlamaModel, dtype=np.float32) -> dict[str, np.ndarray]:
     from duet_jax.models.lora import FROZEN
 
     out = {}
-    for path, var in nnx.state(model, FROZEN).flat_state():
-        path = tuple(path)
-        arr = np.asarray(var[...].astype(jnp.float32)).astype(dtype)
+    host: dict[int, np.ndarray] = {}
+    for path, (var, j) in _logical_slots(model, FROZEN).items():
+        if id(var) not in host:
+            host[id(var)] = np.asarray(var[...].astype(jnp.float32)).astype(dtype)
+        arr = host[id(var)] if j is None else host[id(var)][j]
         out[hf_key(path)] = np.ascontiguousarray(arr.T if path[-1] == "kernel" else arr)
     return out
 

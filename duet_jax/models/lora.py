@@ -43,6 +43,7 @@ __all__ = [
     "LoRAParam",
     "FROZEN",
     "LoRA",
+    "LoRAView",
     "LoRAConfig",
     "TARGETS",
     "add_lora",
@@ -78,15 +79,24 @@ class LoRA(nnx.Module):
 
     def __init__(self, in_features: int, out_features: int, *, rank: int, alpha: float,
                  dropout: float = 0.0, use_rslora: bool = False, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs | None = None, keys=None):
         bound = 1.0 / math.sqrt(in_features)
         self.rank = int(rank)
         self.alpha = float(alpha)
         self.dropout = float(dropout)
         self.scale = self.alpha / (math.sqrt(rank) if use_rslora else rank)
-        self.lora_a = LoRAParam(jax.random.uniform(
-            rngs.params(), (in_features, rank), jnp.float32, -bound, bound).astype(param_dtype))
-        self.lora_b = LoRAParam(jnp.zeros((rank, out_features), param_dtype))
+
+        def draw(k):
+            return jax.random.uniform(k, (in_features, rank), jnp.float32, -bound, bound)
+
+        if keys is None:  # one adapter: A [in, r], B [r, out]
+            a = draw(rngs.params())
+            b_shape = (rank, out_features)
+        else:  # one adapter per layer of a stack: A [L, in, r], B [L, r, out]
+            a = jnp.stack([draw(k) for k in keys])
+            b_shape = (len(keys), rank, out_features)
+        self.lora_a = LoRAParam(a.astype(param_dtype))
+        self.lora_b = LoRAParam(jnp.zeros(b_shape, param_dtype))
 
     def __call__(self, x: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
         if dropout_key is not None and self.dropout > 0:
@@ -98,7 +108,51 @@ class LoRA(nnx.Module):
         return (x @ a @ b) * jnp.asarray(self.scale, x.dtype)
 
     def delta(self) -> jax.Array:
-        """The ``[in, out]`` update that merging adds to the kernel (float32)."""
+        """The ``[in, out]`` update that merging adds to the kernel (float32; ``[L, in, out]`` for a
+        stack)."""
+        return self.scale * jnp.matmul(self.lora_a[...].astype(jnp.float32),
+                                       self.lora_b[...].astype(jnp.float32))
+
+
+class _LayerSlot:
+    """One layer's slice of a stacked LoRA variable: ``slot[...]`` reads it, ``slot[...] = x``
+    writes it back into the stack."""
+
+    def __init__(self, var, index: int):
+        self.var, self.index = var, index
+
+    def __getitem__(self, item):
+        return self.var[...][self.index][item]
+
+    def __setitem__(self, item, x):
+        full = self.var[...]
+        self.var[...] = full.at[self.index].set(full[self.index].at[item].set(x))
+
+    @property
+    def value(self):
+        return self[...]
+
+    @property
+    def shape(self):
+        return tuple(self.var.shape[1:])
+
+    @property
+    def dtype(self):
+        return self.var[...].dtype
+
+
+class LoRAView:
+    """One layer's adapter inside a stacked :class:`LoRA`: ``rank``, ``alpha``, ``dropout``,
+    ``scale``, and that layer's ``lora_a`` ``[in, r]`` / ``lora_b`` ``[r, out]`` (``[...]`` reads,
+    ``[...] = x`` writes into the stack)."""
+
+    def __init__(self, lora: LoRA, index: int):
+        self.module, self.index = lora, index
+        self.rank, self.alpha, self.dropout, self.scale = lora.rank, lora.alpha, lora.dropout, lora.scale
+        self.lora_a = _LayerSlot(lora.lora_a, index)
+        self.lora_b = _LayerSlot(lora.lora_b, index)
+
+    def delta(self) -> jax.Array:
         return self.scale * (self.lora_a[...].astype(jnp.float32) @ self.lora_b[...].astype(jnp.float32))
 
 
@@ -159,13 +213,17 @@ class LoRAConfig:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
 
-def _linears(model: LlamaModel, layer: int) -> dict[str, Linear]:
-    return model.layers[layer].linears()
+def _linears(model: LlamaModel, layer: int) -> tuple[dict[str, Linear], int]:
+    """The (stacked) projections of the stack holding ``layer`` and the layer's offset in it."""
+    return model.layer_linears(layer)
 
 
 def add_lora(model: LlamaModel, config: LoRAConfig, *, rngs: nnx.Rngs,
              param_dtype=jnp.float32) -> LlamaModel:
     """Attach adapters (in place) to ``config.targets`` in ``config``'s layers; returns ``model``.
+
+    The model's layer stacks are split where the adapted layers begin and end (LoRA on the last L
+    layers: a frozen stack, then an adapted stack whose adapters are stacked ``[L, in, r]``).
 
     Raises:
       ModelError: a target the model lacks, a layer outside the model, or a projection that already
@@ -179,41 +237,57 @@ def add_lora(model: LlamaModel, config: LoRAConfig, *, rngs: nnx.Rngs,
 
 def _attach(model, pairs, *, rank, alpha, dropout, use_rslora, rngs, param_dtype):
     for i, t in pairs:
-        lin = _linears(model, i).get(t)
+        lin = _linears(model, i)[0].get(t)
         if lin is None:
             raise ModelError(f"layer {i} has no projection {t!r}; it has {', '.join(TARGETS)}")
         if lin.lora is not None:
             raise ModelError(f"layer {i} projection {t!r} already has a LoRA adapter")
+    keys = {p: rngs.params() for p in pairs}  # drawn in pair order: the values do not depend on stacking
+    new: dict[int, tuple[str, ...]] = {}
     for i, t in pairs:
-        lin = _linears(model, i)[t]
-        lin.lora = LoRA(lin.in_features, lin.out_features, rank=rank, alpha=alpha,
-                        dropout=dropout, use_rslora=use_rslora, param_dtype=param_dtype, rngs=rngs)
+        new[i] = (*new.get(i, ()), t)
+    sig = [tuple(sorted(new.get(i, ()))) for i in range(model.num_layers)]
+    model.split_stacks(i for i in range(1, model.num_layers) if sig[i] != sig[i - 1])
+    for st in model.stacks:
+        targets = sig[st.first]
+        lins = st.layer.linears()
+        for t in targets:
+            lin = lins[t]
+            lin.lora = LoRA(lin.in_features, lin.out_features, rank=rank, alpha=alpha,
+                            dropout=dropout, use_rslora=use_rslora, param_dtype=param_dtype,
+                            keys=[keys[(i, t)] for i in range(st.first, st.stop)])
+    model.join_stacks()
 
 
-def lora_layers(model: LlamaModel) -> dict[tuple[int, str], LoRA]:
-    """Every adapter, keyed by (layer, target)."""
+def lora_layers(model: LlamaModel) -> dict[tuple[int, str], LoRAView]:
+    """Every adapter, keyed by (layer, target): a :class:`LoRAView` of that layer's slice."""
     out = {}
-    for i in range(model.num_layers):
-        for t, lin in _linears(model, i).items():
+    for st in model.stacks:
+        for t, lin in st.layer.linears().items():
             if lin.lora is not None:
-                out[(i, t)] = lin.lora
-    return out
+                for j in range(st.count):
+                    out[(st.first + j, t)] = LoRAView(lin.lora, j)
+    return dict(sorted(out.items()))
 
 
 def merge_lora(model: LlamaModel) -> LlamaModel:
     """Fold every adapter into its kernel (``W += scale * A B``) and remove it; in place."""
-    for (i, t), lora in lora_layers(model).items():
-        lin = _linears(model, i)[t]
-        k = lin.kernel[...]
-        lin.kernel[...] = (k.astype(jnp.float32) + lora.delta()).astype(k.dtype)
-        lin.lora = None
+    for st in model.stacks:
+        for lin in st.layer.linears().values():
+            if lin.lora is not None:
+                k = lin.kernel[...]
+                lin.kernel[...] = (k.astype(jnp.float32) + lin.lora.delta()).astype(k.dtype)
+                lin.lora = None
+    model.join_stacks()
     return model
 
 
 def remove_lora(model: LlamaModel) -> LlamaModel:
     """Drop every adapter without merging; in place."""
-    for (i, t) in lora_layers(model):
-        _linears(model, i)[t].lora = None
+    for st in model.stacks:
+        for lin in st.layer.linears().values():
+            lin.lora = None
+    model.join_stacks()
     return model
 
 
@@ -318,7 +392,7 @@ def load_peft(model: LlamaModel, directory: str | Path, *, param_dtype=jnp.float
         if not 0 <= i < model.num_layers:
             errors.append(f"adapter for layer {i}, but the model has {model.num_layers} layers")
             continue
-        lin = _linears(model, i)[t]
+        lin = _linears(model, i)[0][t]
         base = f"{_PEFT_PREFIX}{i}.{PEFT_NAMES[t]}"
         want = {"A": (rank, lin.in_features), "B": (lin.out_features, rank)}
         for ab in "AB":
@@ -332,9 +406,15 @@ def load_peft(model: LlamaModel, directory: str | Path, *, param_dtype=jnp.float
         raise ModelError(f"cannot load the adapter in {d}:\n  " + "\n  ".join(errors))
     _attach(model, pairs, rank=rank, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)),
             use_rslora=bool(cfg.get("use_rslora", False)), rngs=nnx.Rngs(0), param_dtype=param_dtype)
-    for i, t in pairs:
-        lora = _linears(model, i)[t].lora
-        lora.lora_a[...] = jnp.asarray(tensors[(i, t)]["A"].T, param_dtype)
-        lora.lora_b[...] = jnp.asarray(tensors[(i, t)]["B"].T, param_dtype)
+    loaded = set(pairs)
+    for st in model.stacks:
+        for t, lin in st.layer.linears().items():
+            if lin.lora is None or (st.first, t) not in loaded:
+                continue
+            rows = range(st.first, st.stop)
+            lin.lora.lora_a[...] = jnp.asarray(
+                np.stack([tensors[(i, t)]["A"].T for i in rows]), param_dtype)
+            lin.lora.lora_b[...] = jnp.asarray(
+                np.stack([tensors[(i, t)]["B"].T for i in rows]), param_dtype)
     return model
 

@@ -37,7 +37,7 @@ def is_stacked(lora, reference_leaf_ndim: int | None = None) -> bool:
     leaf = jax.tree.leaves(lora)[0]
     if reference_leaf_ndim is not None:
         return leaf.ndim == reference_leaf_ndim + 1
-    return leaf.ndim == 3  # LoRA matrices are 2-D per adapter
+    return leaf.ndim == 4  # per adapter, LoRA matrices are [layers of the stack, in, r]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "start", "batch_size", "head_chunk"))

@@ -17,7 +17,6 @@ import numpy as np
 from flax import nnx
 
 from duet_jax.errors import ConfigError
-from duet_jax.models.llama import causal_mask, default_positions, rope_cos_sin
 from duet_jax.models.lora import LoRAParam, lora_layers
 from duet_jax.train.pool import Pool
 
@@ -40,14 +39,14 @@ def trunk_start(model) -> int:
 
 
 def slot_logprobs(graphdef, lora, frozen, batch: Pool, *, start: int = 0,
-                  dropout_key: jax.Array | None = None, remat: bool = False) -> jax.Array:
+                  dropout_key: jax.Array | None = None, remat=False) -> jax.Array:
     """float32 ``[B, A]``: log p(target token) at each answer slot (padding slots hold garbage;
     mask them with ``batch.loss_mask`` / ``batch.score_mask``).
 
     With ``start > 0`` the batch must carry ``hidden`` (the states entering layer ``start``).
-    ``remat=True`` runs the layers through :func:`run_layers_remat`: under ``grad`` only each
-    layer's input is kept and the layer is recomputed in the backward pass (less memory, about one
-    more forward).
+    ``remat`` (``True`` or a ``jax.checkpoint_policies`` name) checkpoints the scanned layer: under
+    ``grad`` only each layer's input is kept and the layer is recomputed in the backward pass (less
+    memory, about one more forward).
     """
     model = nnx.merge(graphdef, lora, frozen)
     if start > 0:
@@ -56,11 +55,8 @@ def slot_logprobs(graphdef, lora, frozen, batch: Pool, *, start: int = 0,
         h = batch.hidden.astype(model.dtype)
     else:
         h = model.embed(batch.input_ids)
-    if remat:
-        h = run_layers_remat(model, h, batch.attention_mask, start=start, dropout_key=dropout_key)
-    else:
-        h, _ = model.run_layers(h, attention_mask=batch.attention_mask, start=start,
-                                dropout_key=dropout_key)
+    h, _ = model.run_layers(h, attention_mask=batch.attention_mask, start=start,
+                            dropout_key=dropout_key, remat=remat)
     logits = model.head(h, positions=batch.target_pos)  # [B, A, V] float32
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, batch.targets[..., None], axis=-1)[..., 0]
@@ -68,49 +64,17 @@ def slot_logprobs(graphdef, lora, frozen, batch: Pool, *, start: int = 0,
 
 
 def run_layers_remat(model, h: jax.Array, attention_mask: jax.Array, *, start: int = 0,
-                     dropout_key: jax.Array | None = None) -> jax.Array:
-    """``model.run_layers(h, attention_mask=..., start=start)[0]`` (no cache), written so that under
-    ``grad`` only each layer's input is stored and every layer is recomputed in the backward pass.
+                     dropout_key: jax.Array | None = None, policy=True) -> jax.Array:
+    """``model.run_layers(h, attention_mask=..., start=start, remat=policy)[0]``.
 
-    Why not ``jax.checkpoint`` around each layer of the unrolled Python loop: XLA's CPU compiler
-    drops the optimisation barriers that keep the recomputation in place and is then free to run
-    all 30 recomputed layers before the backward pass needs them, so the activations of every layer
-    are live at once again (measured: 3.5 GiB of temporaries at 8 x 256 on SmolLM2-135M, against
-    3.9 GiB without checkpointing). Here the layers run in ``lax.scan`` over the layer index, the
-    body a ``jax.checkpoint``-ed layer: the backward pass is then a loop that recomputes one layer
-    per iteration, which no scheduler can hoist. The body picks its layer's weights with
-    ``lax.switch`` (each branch returns one layer's arrays), so the layer's computation is traced and
-    compiled once and the weights are not stacked into a second copy; the switch copies one layer's
-    weights per iteration (14 MB for SmolLM2), which is cheap beside the layer's matmuls.
-
-    Consecutive layers with the same structure (the same adapters) and the same attention window
-    share one scan; a model whose layers differ gets one scan per run of equal layers.
+    Kept for callers of the earlier API. The layers are stacked and scanned (``lax.scan`` over each
+    :class:`~duet_jax.models.llama.LayerStack`) with the scanned layer under ``jax.checkpoint``,
+    so the backward pass is a loop that recomputes one layer per iteration, which XLA cannot hoist
+    (with ``jax.checkpoint`` around each layer of an unrolled loop, XLA:CPU dropped the barriers
+    and ran every recomputation early: no memory saved).
     """
-    num = model.num_layers
-    T = h.shape[1]
-    mask_bt = attention_mask.astype(bool)
-    cos, sin = rope_cos_sin(model.config, default_positions(mask_bt))
-    runs: list[tuple] = []  # (graphdef, window, first layer, [(lora state, rest), ...])
-    for i in range(start, num):
-        gd, lora_i, rest_i = nnx.split(model.layers[i], LoRAParam, ...)
-        w = model.config.window(i)
-        if runs and runs[-1][0] == gd and runs[-1][1] == w:
-            runs[-1][3].append((lora_i, rest_i))
-        else:
-            runs.append((gd, w, i, [(lora_i, rest_i)]))
-    for gd, w, first, states in runs:
-        mask = causal_mask(jnp.arange(T), mask_bt, w)
-        branches = [functools.partial(lambda s: s, s) for s in states]
-
-        @jax.checkpoint
-        def layer(x, j, gd=gd, mask=mask, branches=branches, first=first):
-            lora_j, rest_j = jax.lax.switch(j, branches)
-            key = None if dropout_key is None else jax.random.fold_in(dropout_key, first + j)
-            return nnx.merge(gd, lora_j, rest_j)(x, cos, sin, mask, dropout_key=key)[0]
-
-        h, _ = jax.lax.scan(lambda x, j, layer=layer: (layer(x, j), None), h,
-                            jnp.arange(len(states), dtype=jnp.int32))
-    return h
+    return model.run_layers(h, attention_mask=attention_mask, start=start, dropout_key=dropout_key,
+                            remat=policy)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "start", "dtype"))

@@ -48,7 +48,10 @@ class TrainConfig:
       max_grad_norm: global-norm clipping (0 disables).
       b1, b2, eps: Adam moments.
       remat: recompute each layer in the backward pass instead of storing its activations
-        (``jax.checkpoint`` per layer): lower peak memory for about one extra forward.
+        (the scanned layer under ``jax.checkpoint``): lower peak memory for about one extra forward.
+      remat_policy: which ``jax.checkpoint_policies`` entry remat uses: ``nothing_saveable``
+        (store only each layer's input) or e.g. ``dots_with_no_batch_dims_saveable`` (also keep
+        the matmul outputs: more memory, less recomputation).
     """
 
     epochs: float = 1.0
@@ -64,6 +67,7 @@ class TrainConfig:
     b2: float = 0.999
     eps: float = 1e-8
     remat: bool = False
+    remat_policy: str = "nothing_saveable"
 
     def __post_init__(self):
         if self.batch_size < 1 or self.grad_accum < 1:
@@ -76,6 +80,14 @@ class TrainConfig:
             raise ConfigError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
         if not self.learning_rate > 0 or not 0 <= self.warmup_ratio < 1:
             raise ConfigError("learning_rate must be > 0 and warmup_ratio in [0, 1)")
+        if not hasattr(jax.checkpoint_policies, self.remat_policy) or self.remat_policy.startswith("_"):
+            raise ConfigError(f"remat_policy {self.remat_policy!r} is not a jax.checkpoint_policies "
+                              "name (e.g. nothing_saveable, dots_with_no_batch_dims_saveable)")
+
+    @property
+    def remat_arg(self):
+        """What ``run_layers(remat=...)`` gets: ``False`` or the policy name."""
+        return self.remat_policy if self.remat else False
 
 
 def num_steps(config: TrainConfig, mixture_size: int) -> int:
@@ -155,7 +167,7 @@ def _finetune_one(graphdef, lora0, frozen, pool: Pool, indices, key, *, config: 
             g_i, r = g_rows
             batch = pool.take(r)
             dk = jax.random.fold_in(jax.random.fold_in(k_drop, s), g_i)
-            loss, g = grad_fn(graphdef, lora, frozen, batch, start, dk, config.remat)
+            loss, g = grad_fn(graphdef, lora, frozen, batch, start, dk, config.remat_arg)
             return jax.tree.map(jnp.add, acc, (loss, g)), None
 
         zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, lora))

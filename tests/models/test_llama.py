@@ -215,8 +215,8 @@ def test_bfloat16_compute_is_close_to_float32():
     f32 = model_from_tensors(cfg, list(W), W.__getitem__)
     bf16 = model_from_tensors(cfg, list(W), W.__getitem__, dtype="bfloat16")
     mixed = model_from_tensors(cfg, list(W), W.__getitem__, dtype="bfloat16", param_dtype="float32")
-    assert bf16.layers[0].self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
-    assert mixed.layers[0].self_attn.q_proj.kernel[...].dtype == jnp.float32
+    assert bf16.stacks[0].layer.self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
+    assert mixed.stacks[0].layer.self_attn.q_proj.kernel[...].dtype == jnp.float32
     toks = jnp.asarray(tokens(cfg, 2, 8))
     ref = logits(f32, toks)
     for m in (bf16, mixed):
@@ -253,3 +253,18 @@ def test_model_init_and_state_split():
     assert n == cfg.num_params
     cache = KVCache.create(cfg, 2, 8)
     assert len(cache.k) == cfg.num_layers and cache.k[0].shape == (2, 8, cfg.num_kv_heads, cfg.head_dim)
+
+
+def test_layers_are_stacked_and_split_by_window():
+    """Qwen2-style sliding window on the upper layers only: two stacks (one per window), still
+    equal to the reference; a plain model is one stack of all layers."""
+    cfg = ModelConfig.preset("tiny-qwen2", num_layers=4, sliding_window=3, sliding_layers=(2, 3))
+    model, W = build(cfg)
+    assert [(s.first, s.count, s.window) for s in model.stacks] == [(0, 2, None), (2, 2, 3)]
+    toks = tokens(cfg, 2, 8)
+    assert np.abs(logits(model, toks) - reference_logits(cfg, W, toks)).max() < TOL
+    plain, _ = built("tiny-llama")
+    assert len(plain.stacks) == 1 and plain.stacks[0].count == plain.num_layers
+    k = plain.stacks[0].layer.self_attn.q_proj.kernel
+    c = plain.config
+    assert k.shape == (c.num_layers, c.hidden_size, c.num_heads * c.head_dim)

@@ -15,6 +15,7 @@ from safetensors.numpy import load_file, save_file
 from duet_jax.errors import ModelError
 from duet_jax.models import (
     FROZEN,
+    LlamaModel,
     LoRAConfig,
     LoRAParam,
     ModelConfig,
@@ -224,3 +225,20 @@ def test_peft_loads_our_adapter(tmp_path):
     with torch.no_grad():
         theirs = pm(torch.tensor(TOKS)).logits.numpy()
     assert np.abs(theirs - ours).max() < 1e-4
+
+
+def test_lora_splits_and_joins_stacks():
+    """LoRA on the last layer splits the single stack into a frozen and an adapted one; removing
+    it joins them again, and the weights are unchanged by the round trip."""
+    from duet_jax.models.loaders import hf_state_dict
+
+    cfg = ModelConfig.preset("tiny-llama", num_layers=3)
+    model = LlamaModel(cfg, rngs=nnx.Rngs(0))
+    before = hf_state_dict(model)
+    add_lora(model, LoRAConfig(rank=2, alpha=4, targets=("q", "v"), last_layers=1), rngs=nnx.Rngs(1))
+    assert [(s.first, s.count) for s in model.stacks] == [(0, 2), (2, 1)]
+    assert model.stacks[1].layer.self_attn.q_proj.lora.lora_a.shape == (1, cfg.hidden_size, 2)
+    remove_lora(model)
+    assert [(s.first, s.count) for s in model.stacks] == [(0, 3)]
+    after = hf_state_dict(model)
+    assert set(before) == set(after) and all(np.array_equal(before[k], after[k]) for k in before)

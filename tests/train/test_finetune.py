@@ -187,3 +187,34 @@ def test_remat_memory_does_not_grow_with_layer_activations():
     layer_input = B * T * cfg.hidden_size * 4
     attention_probs = B * cfg.num_heads * T * T * 4
     assert per_layer <= 2 * layer_input < attention_probs / 4, (per_layer, layer_input)
+
+
+def test_training_program_does_not_grow_with_depth():
+    """Stacked layers run in lax.scan: the lowered training program of a 2-layer and a 6-layer model
+    has the same number of operations (one traced layer per stack), so compile time does not grow
+    with depth. Lowering only (abstract weights)."""
+    from flax import nnx
+
+    from duet_jax.models import LlamaModel, LoRAConfig, ModelConfig, add_lora
+    from duet_jax.train import Pool, split_model
+
+    def ops(layers, last):
+        cfg = ModelConfig.preset("tiny-llama", num_layers=layers)
+
+        def make():
+            m = LlamaModel(cfg, rngs=nnx.Rngs(0))
+            return add_lora(m, LoRAConfig(rank=4, alpha=8, targets=("q", "v"), last_layers=last),
+                            rngs=nnx.Rngs(1))
+
+        g, lora, frozen = split_model(nnx.eval_shape(make))
+        S, i32, f32 = jax.ShapeDtypeStruct, jnp.int32, jnp.float32
+        N, T, A = 16, 32, 4
+        pool = Pool(S((N, T), i32), S((N, T), i32), S((N, A), i32), S((N, A), i32), S((N, A), f32),
+                    S((N, A), f32))
+        text = ft_module._finetune_jit.lower(
+            g, lora, frozen, pool, S((N,), i32), jax.random.key(0),
+            config=TrainConfig(steps=1, batch_size=8), steps=1, start=0).as_text()
+        return sum(1 for line in text.splitlines() if " = " in line)
+
+    assert ops(2, 1) == ops(6, 3)
+    assert ops(2, None) == ops(6, None)
