@@ -4,7 +4,8 @@ With no arguments: the offline demo (SmolLM2-135M-Instruct from the ``llm-smollm
 built-in domains, ARC-Challenge as the unseen task), on CPU in minutes. ``--preset smoke`` runs a tiny
 random model in seconds; ``--preset paper`` is the paper's protocol for a TPU/GPU host.
 ``--config FILE`` reads YAML; every option is also a flag (below). ``--resume RUN_DIR`` continues a
-killed run without redoing finished evaluations.
+killed run without redoing finished evaluations. ``--method NAME`` runs DUET (default) or one of
+the methods it is judged against, through the same loop and budget (list below).
 """
 
 from __future__ import annotations
@@ -17,8 +18,14 @@ HELP = "run the DUET loop (no arguments: the offline demo)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from duet_jax.loop.methods import METHODS
+
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = __doc__.split("\n\n", 1)[1] if __doc__ else HELP
+    parser.epilog = "methods (--method):\n" + "\n".join(
+        f"  {m.name:<14} {m.summary}" for m in METHODS.values()) + (
+        "\n\nexit status: 0 done; 1 an error (one line, and the command to resume where that "
+        "applies);\n3 every evaluation failed (the reasons are in history.jsonl); 130 interrupted.")
     parser.add_argument("--preset", dest="preset_name", default=None,
                         help="demo (default), smoke or paper")
     parser.add_argument("--config", default=None, help="YAML file of options (flags override it)")
@@ -35,7 +42,7 @@ def main(args: argparse.Namespace) -> int:
     import json
 
     from duet_jax import report
-    from duet_jax.config import _build, config_from_args, to_dict
+    from duet_jax.config import config_from_args, from_dict, to_dict
 
     _enable_compilation_cache()
     if args.resume:
@@ -44,8 +51,7 @@ def main(args: argparse.Namespace) -> int:
             print("duet-jax run: --resume takes the run's saved configuration; drop the other options "
                   f"({', '.join(g[4:] for g in given) or '--config/--preset'})", file=sys.stderr)
             return 2
-        values = report.read_config(args.resume)
-        config = _build(values)
+        config = from_dict(report.read_config(args.resume))
         run_dir = args.resume
     else:
         config = config_from_args(args, preset_name=args.preset_name, config_file=args.config)
@@ -58,9 +64,24 @@ def main(args: argparse.Namespace) -> int:
     from duet_jax.duet import run
 
     run_dir = run_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-    print(f"duet-jax run: preset {config.preset}, run directory {run_dir}", flush=True)
-    run(config, run_dir, progress=not args.quiet and sys.stderr.isatty())
+    resume = f"python -m duet_jax.run --resume {run_dir}"
+    print(f"duet-jax run: method {config.method}, preset {config.preset}, run directory {run_dir}", flush=True)
+    try:
+        summary = run(config, run_dir, progress=not args.quiet and sys.stderr.isatty())
+    except KeyboardInterrupt:
+        print(f"\nduet-jax run: interrupted; finished evaluations are kept. Resume with: {resume}",
+              file=sys.stderr)
+        return 130
+    except OSError as e:
+        what = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
+        print(f"duet-jax run: error: {what}. Finished evaluations are kept; fix the cause and resume "
+              f"with: {resume}", file=sys.stderr)
+        return 1
     print(f"\nrun directory: {run_dir} (summary.json, history.jsonl, best_adapter/, plots)")
+    if summary["n_evaluations"] and summary["n_failed"] == summary["n_evaluations"]:
+        print(f"duet-jax run: every evaluation failed; the reasons are in {run_dir}/history.jsonl "
+              "(\"errors\")", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -4,7 +4,6 @@ same configuration as ``duet-jax run`` (preset, ``--config`` YAML, flags)."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -24,24 +23,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from duet_jax.config import config_from_args
-    from duet_jax.duet import Duet
+    from duet_jax.loop.selectors import selector_weights
+    from duet_jax.loop.setting import Setting, plan_data
+    from duet_jax.loop.shell import Progress
+    from duet_jax.report import lock_run_dir
     from duet_jax.run import _enable_compilation_cache
 
     _enable_compilation_cache()
     config = config_from_args(args, preset_name=args.preset_name, config_file=args.config)
-    if config.sampler == "uniform":
-        config = dataclasses.replace(config, sampler="if")
     out = config.out_dir or os.path.join("runs", "influence-" + time.strftime("%Y%m%d-%H%M%S"))
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
-    duet = Duet(config, out, log=log, progress=sys.stderr.isatty())
-    duet.dir.mkdir(parents=True, exist_ok=True)
-    prep = duet.prepare(target=False)  # the unseen task is not needed here
+    plan = plan_data(config, log)
+    with lock_run_dir(out):
+        bar = Progress(sys.stderr.isatty())
+        setting = Setting.build(config, plan, out, log=log, progress=bar.update)  # no unseen task here
+        _, info = selector_weights("if", setting, config.selector)
+        bar.close()
     if args.json:
-        json.dump(prep.influence, sys.stdout, indent=2)
+        json.dump(info, sys.stdout, indent=2)
         print()
     else:
-        for name, d in (prep.influence or {}).items():
+        for name, d in info.items():
             print(f"{name:<16} n={d['examples']:<6} flagged={d['flagged']:<4} mean={d['score_mean']:+.4g} "
                   f"std={d['score_std']:.4g} ESS/N={d['effective_sample_size']:.3f}")
-        print(f"scores: {duet.dir / 'influence' / 'scores.npy'} (pool order); stores: {duet.dir / 'influence'}")
+        print(f"scores: {os.path.join(out, 'influence', 'scores.npy')} (pool order); stores: "
+              f"{os.path.join(out, 'influence')}")
     return 0

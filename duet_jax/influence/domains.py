@@ -40,7 +40,54 @@ from duet_jax.train.forward import slot_logprobs
 from duet_jax.train.pool import Pool
 from duet_jax.train.trainer import TrainConfig, finetune
 
-__all__ = ["DomainScores", "domain_influence", "example_loss_fn", "featurize_pool", "length_chunks"]
+__all__ = ["DomainScores", "InfluenceConfig", "domain_influence", "example_loss_fn", "featurize_pool",
+           "length_chunks"]
+
+CURVATURES = ("identity", "cosine", "adam", "fisher")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InfluenceConfig:
+    """DUET's per-domain influence step: the one place for its options and their defaults.
+
+    Attributes:
+      proj_dim: projected gradient dimension k.
+      projector: identity, dense, dense_gaussian, sjlt, chunked or pallas
+        (:mod:`duet_jax.influence.projectors`).
+      curvature: identity, cosine, adam or fisher (TRAK).
+      damping: damping lambda of the curvature.
+      proxy_examples: examples (with repeats) in each domain's proxy fine-tune.
+      proxy_epochs: epochs of the proxy fine-tune.
+      validation_examples: validation examples per domain for the query gradient.
+      chunk_size: examples per featurize chunk (the resumable unit).
+      seed: projection seed.
+    """
+
+    proj_dim: int = 2048
+    projector: str = "sjlt"
+    curvature: str = "fisher"
+    damping: float = 1e-3
+    proxy_examples: int = 64
+    proxy_epochs: float = 1.0
+    validation_examples: int = 16
+    chunk_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self):
+        from duet_jax.errors import ConfigError
+        from duet_jax.influence.projectors import PROJECTORS
+
+        if self.curvature not in CURVATURES:
+            raise ConfigError(f"influence.curvature must be one of {', '.join(CURVATURES)} "
+                              f"(ihvp is for InfluenceScorer used directly), got {self.curvature!r}")
+        if self.projector not in PROJECTORS:
+            raise ConfigError(f"influence.projector must be one of {', '.join(PROJECTORS)}, "
+                              f"got {self.projector!r}")
+        for name in ("proj_dim", "proxy_examples", "validation_examples", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"influence.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.damping >= 0 or not self.proxy_epochs > 0:
+            raise ConfigError("influence.damping must be >= 0 and influence.proxy_epochs > 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,14 +179,8 @@ def domain_influence(
     example_ids: Sequence[str],
     base_model_id: str,
     train_config: TrainConfig,
-    proxy_examples: int = 128,
-    validation_examples: int = 64,
-    proj_dim: int = 2048,
-    projector: str = "sjlt",
-    curvature: str = "fisher",
-    damping: float = 1e-3,
-    seed: int = 0,
-    chunk_size: int = 64,
+    config: InfluenceConfig | None = None,
+    query_pool: Pool | None = None,
     store_root: str | Path | None = None,
     key: jax.Array | None = None,
     progress: Callable[[str, int, int], None] | None = None,
@@ -152,13 +193,22 @@ def domain_influence(
       val_pool, val_domain_of: the domains' validation rows.
       names: domain names (index -> name), example_ids: one id per pool row.
       base_model_id: identifies the base weights in the store metadata (e.g. a file hash).
-      train_config: the proxy fine-tune's settings (``epochs`` is applied to ``proxy_examples``).
+      train_config: the proxy fine-tune's settings (``epochs`` is replaced by the config's
+        ``proxy_epochs`` and applied to ``proxy_examples``).
+      config: the influence options (:class:`InfluenceConfig`; ``None``: its defaults).
+      query_pool: score every domain against these rows instead of the domain's own validation
+        rows (DUET-LESS: a few examples of the target task; an oracle, since it sees task data).
       store_root: directory for the resumable feature stores (None: in memory only).
       progress: ``progress(domain, done_chunks, num_chunks)``.
 
     Raises:
       InfluenceError: a domain without validation rows.
     """
+    config = InfluenceConfig() if config is None else config
+    proj_dim, projector, curvature, damping, seed = (config.proj_dim, config.projector,
+                                                     config.curvature, config.damping, config.seed)
+    proxy_examples, validation_examples, chunk_size = (config.proxy_examples,
+                                                       config.validation_examples, config.chunk_size)
     key = jax.random.key(seed) if key is None else key
     domain_of = np.asarray(domain_of)
     val_domain_of = np.asarray(val_domain_of)
@@ -167,19 +217,16 @@ def domain_influence(
     per: dict = {}
     loss = example_loss_fn(graphdef, start)
     scorer = InfluenceScorer(
-        loss, proj_dim=proj_dim, projector=projector, curvature=curvature if curvature != "ihvp" else "fisher",
+        loss, proj_dim=proj_dim, projector=projector, curvature=curvature,
         damping=damping, seed=seed, batch_size=min(chunk_size, 16),
         loss_mask=lambda ex: jnp.sum(ex.loss_mask))
-    if curvature == "ihvp":
-        raise InfluenceError("curvature 'ihvp' is for small models used directly with InfluenceScorer; "
-                             "DUET's per-domain scores support identity, cosine, adam and fisher")
-    cfg = dataclasses.replace(train_config, steps=None)
+    cfg = dataclasses.replace(train_config, steps=None, epochs=config.proxy_epochs)
     for d, name in enumerate(names):
         rows = np.flatnonzero(domain_of == d)
         vrows = np.flatnonzero(val_domain_of == d)[:validation_examples]
         if rows.size == 0:
             continue
-        if vrows.size == 0:
+        if vrows.size == 0 and query_pool is None:
             raise InfluenceError(f"domain {name!r} has no validation example for its influence query")
         kd = jax.random.fold_in(key, d)
         k_pick, k_train = jax.random.split(kd)
@@ -205,7 +252,8 @@ def domain_influence(
             feats, ok = scorer.featurize(proxy.lora, examples, return_flags=True, context=frozen,
                                          precondition=pre)
             feats, ok = np.asarray(feats), np.asarray(ok)
-        q = scorer.featurize_query(proxy.lora, _host(val_pool, vrows), mean=True, context=frozen)
+        qpool = _host(val_pool, vrows) if query_pool is None else query_pool
+        q = scorer.featurize_query(proxy.lora, qpool, mean=True, context=frozen)
         s = scorer.score(scorer.finalize(feats), q)[:, 0]
         s = np.where(ok, s, 0.0).astype(np.float32)
         scores[rows] = s

@@ -17,7 +17,8 @@ import numpy as np
 
 from duet_jax.errors import ConfigError
 
-__all__ = ["largest_remainder", "ratio_to_counts", "apply_min_share", "validate_ratio"]
+__all__ = ["largest_remainder", "ratio_to_counts", "apply_min_share", "validate_ratio", "cap_ratio",
+           "share_caps"]
 
 
 def validate_ratio(ratio, n: int | None = None, atol: float = 1e-6) -> np.ndarray:
@@ -100,3 +101,55 @@ def ratio_to_counts(ratio, budget: int, available=None, *, replace: bool = False
                 f"some domains hold ({detail}); lower the budget or sample with replacement"
             )
     return counts
+
+
+def share_caps(budget: int, available, replace: bool) -> np.ndarray | None:
+    """Largest share each domain can take: ``available / budget`` without replacement (capped at
+    1), ``None`` (no cap) with replacement.
+
+    Raises:
+      ConfigError: the domains together hold fewer than ``budget`` examples (no ratio fits).
+    """
+    if replace:
+        return None
+    avail = np.asarray(available, np.float64)
+    if avail.sum() < budget:
+        raise ConfigError(f"budget {budget} asks for more examples than the pool holds "
+                          f"({int(avail.sum())}) without replacement; lower the budget or sample "
+                          "with replacement")
+    return np.minimum(avail / float(budget), 1.0)
+
+
+def cap_ratio(ratio, caps, budget: int | None = None, available=None) -> np.ndarray:
+    """The ratio moved onto ``{r : sum r = 1, 0 <= r <= caps}`` by clipping the over-full shares and
+    spreading their excess over the others in proportion to their room (identity when it fits).
+
+    With ``budget`` and ``available`` the result is also rounding-safe: its largest-remainder
+    counts never exceed ``available``.
+    """
+    r = np.clip(np.asarray(ratio, np.float64), 0.0, None)
+    r = r / r.sum() if r.sum() > 0 else np.full(r.shape, 1.0 / r.size)
+    if caps is None:
+        return r
+    caps = np.asarray(caps, np.float64)
+    if caps.sum() < 1.0 - 1e-12:
+        raise ConfigError(f"no ratio fits the caps {caps.tolist()} (they sum to {caps.sum():.6g} < 1)")
+    for _ in range(r.size + 1):
+        over = r > caps + 1e-15
+        if not over.any():
+            break
+        excess = float((r[over] - caps[over]).sum())
+        r[over] = caps[over]
+        room = np.where(~over, caps - r, 0.0)
+        room[room < 0] = 0
+        r = r + excess * room / room.sum()
+    if budget is not None and available is not None:
+        avail = np.asarray(available)
+        counts = np.asarray(largest_remainder(jnp.asarray(r), int(budget)))
+        while (counts > avail).any():  # rounding put one too many on a full domain
+            i = int(np.argmax(counts - avail))
+            j = int(np.argmax(np.where(counts < avail, avail - counts, -1)))
+            counts[i] -= 1
+            counts[j] += 1
+        r = counts / float(budget)
+    return r

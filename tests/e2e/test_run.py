@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from duet_jax import duet as duet_mod
-from duet_jax.config import RunConfig, add_config_flags, preset
+from duet_jax.config import SECTIONS, RunConfig, add_config_flags, preset
 from duet_jax.data import Example
-from duet_jax.duet import Duet, LeakError, check_no_leak
+from duet_jax.duet import LeakError, check_no_leak, run
 from duet_jax.errors import ConfigError, UnknownDomainError
+from duet_jax.loop import setting as setting_mod
+from duet_jax.loop.setting import plan_data
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = dict(feedback={"metric": "neg_loss", "examples": 16})
@@ -61,7 +62,7 @@ def _reset_jax_cache():
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory, shared_compilation_cache):
     d = tmp_path_factory.mktemp("run") / "smoke"
-    summary = Duet(preset("smoke", **SMOKE), d, log=lambda s: None, progress=False).run()
+    summary = run(preset("smoke", **SMOKE), d, log=lambda s: None, progress=False)
     return d, summary
 
 
@@ -135,7 +136,7 @@ def test_leak_check_direct():
 
 
 def test_in_domain_mode_refuses_a_leaking_split(monkeypatch, tmp_path):
-    real = duet_mod._sel
+    real = setting_mod.select_examples
 
     def leaky(examples, n, salt):  # put the target's evaluation examples into its train split
         out = real(examples, n, salt)
@@ -145,20 +146,22 @@ def test_in_domain_mode_refuses_a_leaking_split(monkeypatch, tmp_path):
             out = out + list(get_domain("arc_easy").splits().evaluation[:3])
         return out
 
-    monkeypatch.setattr(duet_mod, "_sel", leaky)
+    monkeypatch.setattr(setting_mod, "select_examples", leaky)
     cfg = preset("smoke", mode="in_domain", target="arc_easy", domains=["arc_easy", "sciq"])
     with pytest.raises(LeakError):
-        Duet(cfg, tmp_path / "r", log=lambda s: None, progress=False).prepare()
+        plan_data(cfg, log=lambda s: None)
+    assert not (tmp_path / "r").exists()  # refused before anything is written
 
 
 def test_bad_configs(tmp_path):
     with pytest.raises(ConfigError, match="also a training domain"):
         preset("smoke", target="sciq")
     with pytest.raises(UnknownDomainError, match="Built-in domains"):
-        Duet(preset("smoke", domains=["nope", "sciq"]), tmp_path / "a", log=lambda s: None).prepare()
+        run(preset("smoke", domains=["nope", "sciq"]), tmp_path / "a", log=lambda s: None)
     with pytest.raises(ConfigError, match="more examples than"):
-        Duet(preset("smoke", budget=10_000, replace=False, sampler="uniform"), tmp_path / "b",
-             log=lambda s: None, progress=False).run()
+        run(preset("smoke", budget=10_000, replace=False, method="duet_ur"), tmp_path / "b",
+            log=lambda s: None, progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing written
     bad = tmp_path / "bad.yaml"
     bad.write_text("budget: 12\ndomains: [a, b\nk: 2\n")
     r = subprocess.run([sys.executable, "-m", "duet_jax.run", "--config", str(bad)], env=env(tmp_path),
@@ -171,11 +174,12 @@ def test_failing_feedback_command_is_recorded_not_invented(tmp_path):
     script.write_text("import sys\nprint('no number here')\n")
     cfg = preset("smoke", rounds=0, warm_start=2, k=1,
                  feedback={"command": f"{sys.executable} {script} {{adapter_dir}}", "retries": 0},
-                 sampler="uniform")
+                 method="duet_ur")
     d = tmp_path / "fail"
-    s = Duet(cfg, d, log=lambda s: None, progress=False).run()
+    s = run(cfg, d, log=lambda s: None, progress=False)
     hist = [json.loads(x) for x in (d / "history.jsonl").read_text().splitlines()]
     assert len(hist) == 2 and all(h["failed"] and h["feedback"] is None for h in hist)
+    assert all("no number here" in h["errors"][0] for h in hist)  # the reason, with the output tail
     assert s["best_feedback"] is None and s["n_failed"] == 2
     assert (d / "adapters" / "eval0000_0" / "adapter_config.json").exists()  # what the command got
 
@@ -190,7 +194,7 @@ def test_help_documents_every_option():
     for f in dataclasses.fields(RunConfig):
         if f.name == "preset":
             continue
-        if dataclasses.is_dataclass(f.type) or f.name in ("lora", "train", "encode", "bo", "influence", "feedback"):
+        if f.name in SECTIONS:
             sec = getattr(RunConfig(), f.name)
             for g in dataclasses.fields(sec):
                 assert f"--{f.name}.{g.name}" in text

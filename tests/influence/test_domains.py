@@ -5,7 +5,7 @@ import pytest
 
 from duet_jax.data import EncodeConfig, Example, encode_examples
 from duet_jax.influence import StoreMismatchError
-from duet_jax.influence.domains import domain_influence
+from duet_jax.influence.domains import InfluenceConfig, domain_influence
 from duet_jax.testing import tiny_tokenizer
 from duet_jax.train import TrainConfig, build_pool, split_model, trunk_hidden, trunk_start
 from tests.train.conftest import make_model
@@ -29,7 +29,7 @@ def _setup():
     return dict(graphdef=g, lora0=lora, frozen=frozen, start=start, pool=pool, domain_of=dom,
                 val_pool=val, val_domain_of=vdom, names=["a", "b"], example_ids=ids,
                 base_model_id="tiny", train_config=TrainConfig(batch_size=4, learning_rate=1e-2),
-                proxy_examples=8, proj_dim=32, chunk_size=8)
+                config=InfluenceConfig(proxy_examples=8, proj_dim=32, chunk_size=8))
 
 
 def test_scores_resume_and_refuse(tmp_path, monkeypatch):

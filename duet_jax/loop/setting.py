@@ -1,0 +1,281 @@
+"""What every method of a run shares: the data plan, the model, the tokenized pool with its
+frozen-trunk cache, the domains' validation sets, and (computed once, on demand) the influence
+scores.
+
+Two stages, so that everything that can be checked without a model is checked before anything is
+written or loaded:
+
+1. :func:`plan_data` (no model): resolves the domains and the unseen task, draws the disjoint
+   splits, picks the examples, and runs :func:`check_no_leak` on them.
+2. :meth:`Setting.build`: the tokenizer and model, the encoded pool and its trunk cache.
+
+The unseen task never leaks into training: in ``ood`` mode its domain is not in the pool; in
+``in_domain`` mode only its train split is, and it is scored on its disjoint evaluation split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from duet_jax.data import (
+    Domain,
+    EncodeConfig,
+    Example,
+    SplitSpec,
+    encode_examples,
+    get_domain,
+    get_domains,
+    load_tokenizer,
+)
+from duet_jax.errors import ConfigError, DuetError
+from duet_jax.train import TrainConfig, build_pool, split_model, trunk_hidden, trunk_start
+
+__all__ = ["DataPlan", "LeakError", "Setting", "check_no_leak", "plan_data", "select_examples"]
+
+
+class LeakError(DuetError):
+    """The unseen task's evaluation data would enter the training pool or the influence step."""
+
+
+def check_no_leak(pool_examples: list[Example], influence_examples: list[Example],
+                  eval_examples: list[Example]) -> None:
+    """Raise :class:`LeakError` when an evaluation example (by id or normalised prompt) is in the
+    pool or in the influence validation sets."""
+    ev_ids = {e.id for e in eval_examples}
+    ev_keys = {e.key for e in eval_examples}
+    for where, exs in (("training pool", pool_examples), ("influence step", influence_examples)):
+        bad = [e.id for e in exs if e.id in ev_ids or e.key in ev_keys]
+        if bad:
+            raise LeakError(
+                f"{len(bad)} example(s) of the unseen task's evaluation set are in the {where} "
+                f"(e.g. {bad[:3]}); DUET must never train or compute influence on them")
+
+
+def select_examples(examples: list[Example], n: int, salt: str) -> list[Example]:
+    """A deterministic subset of ``n`` examples (by a hash of their ids, not by row order)."""
+    if n <= 0 or n >= len(examples):
+        return list(examples)
+    key = lambda e: hashlib.sha256(f"{salt}|{e.id}".encode()).hexdigest()
+    return sorted(examples, key=key)[:n]
+
+
+def _size(v):
+    return int(v) if float(v) >= 1 else float(v)
+
+
+@dataclasses.dataclass
+class DataPlan:
+    """The examples of a run, chosen and leak-checked before any model is loaded."""
+
+    names: list[str]
+    train: dict[str, list[Example]]
+    validation: dict[str, list[Example]]
+    target_name: str
+    target_examples: list[Example]  # the unseen task's evaluation examples (feedback only)
+    target_query: list[Example]  # a few target examples from its validation split (oracle LESS)
+
+    def available(self) -> np.ndarray:
+        return np.asarray([len(self.train[n]) for n in self.names])
+
+
+def plan_data(config, log: Callable[[str], None] = print) -> DataPlan:
+    """Resolve domains and splits and pick the examples (no model, no tokenizer).
+
+    Raises:
+      UnknownDomainError, ConfigError, LeakError.
+    """
+    cfg = config
+    spec = SplitSpec(validation=_size(cfg.validation), evaluation=_size(cfg.evaluation))
+    domains: list[Domain] = get_domains(list(cfg.domains))
+    target = get_domain(cfg.target)
+    names = [d.name for d in domains]
+    if cfg.mode == "ood" and target.name in names:
+        raise ConfigError(f"the target {target.name!r} is also in the pool; ood mode leaves it out")
+    if cfg.mode == "in_domain" and target.name not in names:
+        raise ConfigError(f"in_domain mode needs the target {target.name!r} among the domains")
+    splits = {d.name: d.splits(spec) for d in domains}
+    tsplits = splits.get(target.name) or target.splits(spec)
+    target_examples = select_examples(list(tsplits.evaluation), cfg.feedback.examples, f"{cfg.seed}|eval")
+    query = select_examples(list(tsplits.validation), cfg.selector.less_examples, f"{cfg.seed}|query")
+    train = {n: select_examples(list(s.train), cfg.train_per_domain, f"{cfg.seed}|train|{n}")
+             for n, s in splits.items()}
+    val = {n: select_examples(list(s.validation), cfg.influence.validation_examples, f"{cfg.seed}|val|{n}")
+           for n, s in splits.items()}
+    pool_examples = [e for n in names for e in train[n]]
+    check_no_leak(pool_examples, [e for n in names for e in val[n]] + query, target_examples)
+    for n in names:
+        if not train[n]:
+            raise ConfigError(f"domain {n!r} has no training example")
+    if not target_examples:
+        raise ConfigError(f"the unseen task {target.name!r} has no evaluation example")
+    plan = DataPlan(names, train, val, target.name, target_examples, query)
+    if not cfg.replace and cfg.budget > int(plan.available().sum()):
+        raise ConfigError(
+            f"budget {cfg.budget} asks for more examples than the pool holds ({int(plan.available().sum())} "
+            f"in {len(names)} domains) without replacement; lower the budget or set replace: true")
+    log(f"domains: {', '.join(names)} | unseen task: {target.name} ({cfg.mode}, "
+        f"metric {cfg.feedback.metric if not cfg.feedback.external else 'external'})")
+    return plan
+
+
+@dataclasses.dataclass
+class Setting:
+    """The prepared run: shared by the selector, the proposer, the local step and the feedback."""
+
+    config: Any
+    plan: DataPlan
+    run_dir: Path
+    names: list[str]
+    pool: Any
+    domain_of: np.ndarray
+    pool_examples: list[Example]
+    graphdef: Any
+    lora0: Any
+    frozen: Any
+    start: int
+    tokenizer: Any
+    encode: EncodeConfig
+    vocab_size: int
+    log: Callable[[str], None] = print
+    progress: Callable | None = None
+    _cache: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def available(self) -> np.ndarray:
+        return np.bincount(self.domain_of, minlength=len(self.names))
+
+    @property
+    def n_domains(self) -> int:
+        return len(self.names)
+
+    @property
+    def train_config(self) -> TrainConfig:
+        return self.config.train
+
+    # ------------------------------------------------------------------------ building
+    @classmethod
+    def build(cls, config, plan: DataPlan, run_dir: str | Path, *, log: Callable[[str], None] = print,
+              progress: Callable | None = None) -> Setting:
+        tok, model = load_run_model(config, log)
+        enc = config.encode
+        names = plan.names
+        toks = [encode_examples(plan.train[n], tok, enc) for n in names]
+        for n, t in zip(names, toks, strict=True):
+            if len(t) == 0:
+                raise ConfigError(f"domain {n!r}: no training example fits max_length={enc.max_length}")
+            if t.skipped:
+                log(f"  {n}: {len(t.skipped)} example(s) skipped (answer longer than max_length)")
+        kept = {n: set(t.ids) for n, t in zip(names, toks, strict=True)}
+        pool_examples = [e for n in names for e in plan.train[n] if e.id in kept[n]]
+        pool, domain_of = build_pool(toks)
+        graphdef, lora0, frozen = split_model(model)
+        start = trunk_start(model)
+        log(f"pool: {len(pool)} examples x {pool.length} tokens; LoRA from layer {start} of "
+            f"{model.num_layers} ({'frozen trunk cached' if start else 'full model'})")
+        s = cls(config, plan, Path(run_dir), names, pool, np.asarray(domain_of), pool_examples, graphdef,
+                lora0, frozen, start, tok, enc, int(model.config.vocab_size), log, progress)
+        if start:
+            t = time.time()
+            s.pool = s.with_trunk(pool)
+            log(f"  frozen trunk of the pool computed in {time.time() - t:.1f} s")
+        return s
+
+    def with_trunk(self, pool):
+        """``pool`` with the frozen trunk's hidden states (unchanged when there is no trunk)."""
+        if not self.start:
+            return pool
+        return pool.with_hidden(trunk_hidden(self.graphdef, self.lora0, self.frozen, pool, start=self.start))
+
+    def encode_pool(self, examples: list[Example], *, answer_slots: int | None = None):
+        """Examples as a pool (with the trunk cache) and the ids kept."""
+        t = encode_examples(examples, self.tokenizer, self.encode)
+        if len(t) == 0:
+            raise ConfigError("no example fits max_length")
+        pool, dom = build_pool(t, answer_slots=answer_slots)
+        return self.with_trunk(pool), list(t.ids)
+
+    # ------------------------------------------------------------------------ shared, on demand
+    def validation_pool(self):
+        """The domains' own validation rows: ``(pool, domain_of)`` (influence queries and the
+        task-agnostic baselines' proxy scores). Never the unseen task."""
+        if "val" not in self._cache:
+            vtoks = [encode_examples(self.plan.validation[n], self.tokenizer, self.encode) for n in self.names]
+            for n, t in zip(self.names, vtoks, strict=True):
+                if len(t) == 0:
+                    raise ConfigError(f"domain {n!r} has no validation example that fits max_length")
+            vpool, vdom = build_pool(vtoks)
+            self._cache["val"] = (self.with_trunk(vpool), np.asarray(vdom))
+        return self._cache["val"]
+
+    def influence(self, *, query: str = "domains"):
+        """DUET's per-domain IF scores (:func:`duet_jax.influence.domains.domain_influence`),
+        computed once into the run directory's resumable stores and reused.
+
+        ``query="target"``: DUET-LESS's oracle scores, against a few examples of the unseen task's
+        validation split (never its evaluation split).
+        """
+        if query in self._cache:
+            return self._cache[query]
+        from duet_jax.influence.domains import domain_influence
+        from duet_jax.report import write_json
+
+        cfg = self.config
+        vpool, vdom = self.validation_pool()
+        qpool = None
+        root = self.run_dir / "influence"
+        if query == "target":
+            if not self.plan.target_query:
+                raise ConfigError("duet_less needs target examples (selector.less_examples > 0)")
+            qpool, _ = self.encode_pool(self.plan.target_query)
+            root = root / "less"
+        t = time.time()
+        res = domain_influence(
+            graphdef=self.graphdef, lora0=self.lora0, frozen=self.frozen, start=self.start,
+            pool=self.pool, domain_of=self.domain_of, val_pool=vpool, val_domain_of=vdom,
+            names=self.names, example_ids=[e.id for e in self.pool_examples],
+            base_model_id=f"{cfg.model}|{cfg.seed}|{json.dumps(dataclasses.asdict(cfg.lora), sort_keys=True)}",
+            train_config=cfg.train, config=cfg.influence, query_pool=qpool, store_root=root,
+            key=jax.random.fold_in(jax.random.key(cfg.seed), 10**6),
+            progress=self.progress)
+        root.mkdir(parents=True, exist_ok=True)
+        np.save(root / "scores.npy", res.scores)
+        write_json(root / "summary.json", res.per_domain)
+        self.log(f"influence scores ({'oracle: target query' if query == 'target' else 'domain validation'}) "
+                 f"for {len(self.names)} domains in {time.time() - t:.1f} s")
+        self._cache[query] = res
+        return res
+
+    def domain_of_device(self):
+        return jnp.asarray(self.domain_of)
+
+
+def load_run_model(config, log: Callable[[str], None] = print):
+    """The tokenizer and the model with LoRA attached, as the config says."""
+    from flax import nnx
+
+    from duet_jax.models import LlamaModel, ModelConfig, add_lora, load_model
+    from duet_jax.models.config import PRESETS as MODEL_PRESETS
+
+    t = time.time()
+    if config.model in MODEL_PRESETS:  # a random tiny model: tests and smoke runs
+        from duet_jax.testing import tiny_tokenizer
+
+        tok = tiny_tokenizer(chat=True)
+        mcfg = ModelConfig.preset(config.model, vocab_size=len(tok))
+        model = LlamaModel(mcfg, rngs=nnx.Rngs(config.seed))
+    else:
+        tok = load_tokenizer(config.model)
+        model = load_model(config.model, dtype=config.dtype)
+    add_lora(model, config.lora, rngs=nnx.Rngs(config.seed + 1))
+    log(f"model {config.model}: {model.num_layers} layers, loaded in {time.time() - t:.1f} s")
+    return tok, model
