@@ -85,6 +85,9 @@ class RunConfig:
     evaluation: float = _f(0.2, "evaluation split size (fraction, or count if >= 1)")
     seed: int = _f(0, "seed of everything (splits are content-hashed and do not depend on it)")
     out_dir: str | None = _f(None, "run directory (default runs/<time>)")
+    influence_dir: str | None = _f(None, "where the influence stores live (default RUN_DIR/influence); "
+                                         "runs of one setting and seed can share one to compute the "
+                                         "scores once")
     dtype: str = _f("float32", "compute dtype: float32 or bfloat16")
     divergence_check: bool = _f(True, "record a fine-tune whose loss rose or reached the uniform-"
                                       "prediction loss as a failed evaluation")
@@ -364,6 +367,7 @@ def config_hash(config: RunConfig | dict) -> str:
     """A hash of everything that decides a run's results (not where it is written)."""
     d = to_dict(config) if isinstance(config, RunConfig) else json.loads(json.dumps(config))
     d.pop("out_dir", None)
+    d.pop("influence_dir", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

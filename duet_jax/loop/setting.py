@@ -232,7 +232,7 @@ class Setting:
         cfg = self.config
         vpool, vdom = self.validation_pool()
         qpool = None
-        root = self.run_dir / "influence"
+        root = Path(cfg.influence_dir) if cfg.influence_dir else self.run_dir / "influence"
         if query == "target":
             if not self.plan.target_query:
                 raise ConfigError("duet_less needs target examples (selector.less_examples > 0)")
