@@ -1,0 +1,133 @@
+"""The experiment settings of issue 16, defined in one place.
+
+Every setting names a pool of built-in domains, the unseen task (``target``) and the mode. The
+paper's pool (the ``paper`` preset's nine domains) is the base; an out-of-domain setting removes its
+held-out domains from it.
+
+Two held-out tasks "averaged" (ood_medical, ood_commonsense_trivia): the loop takes one target, so
+the suite scores a *combined target*, a local file holding equally many evaluation-split examples
+of each task (``experiments/targets/<name>.jsonl``, written by :func:`combined_target_file`), and
+its own evaluation split is what every feedback is computed on. The feedback is then the mean over
+the examples of both tasks (about half each; the exact composition of the scored set is written in
+the results), not the mean of two separately computed numbers. The separation measurement also
+scores each task on its own, so both views are in the results.
+
+Variants (``VARIANTS``) are the sizes a setting is run at: ``demo`` is the demo preset's sizes;
+stronger variants train more (more LoRA layers, more steps, more examples, a larger feedback set).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TARGETS_DIR = HERE / "targets"
+
+#: the paper preset's nine domains (PubMedQA/HeadQA -> medmcqa/medqa_en; Wikitext -> lambada)
+PAPER_POOL = ["trivia_qa", "gsm8k", "medmcqa", "medqa_en", "sciq", "hellaswag", "commonsense_qa",
+              "nq_open", "lambada"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SettingSpec:
+    name: str
+    domains: tuple[str, ...]
+    mode: str
+    tasks: tuple[str, ...]  # the held-out (or in-domain) task(s); two: a combined target
+    description: str
+
+    @property
+    def combined(self) -> bool:
+        return len(self.tasks) > 1
+
+    def target(self) -> str:
+        """The ``target`` option of the loop: a built-in name, or the combined file's path."""
+        if not self.combined:
+            return self.tasks[0]
+        return str(combined_target_file(self.name, self.tasks))
+
+
+def _without(*held):
+    return tuple(d for d in PAPER_POOL if d not in held)
+
+
+SETTINGS: dict[str, SettingSpec] = {s.name: s for s in (
+    SettingSpec("in_domain", tuple(PAPER_POOL), "in_domain", ("sciq",),
+                "sciq's train split is in the 9-domain pool; scored on its disjoint evaluation split"),
+    SettingSpec("ood_math", _without("gsm8k"), "ood", ("gsm8k",),
+                "gsm8k held out of the pool (8 domains)"),
+    SettingSpec("ood_medical", _without("medmcqa", "medqa_en"), "ood", ("medmcqa", "medqa_en"),
+                "medmcqa + medqa_en held out (7 domains); combined target"),
+    SettingSpec("ood_commonsense_trivia", _without("commonsense_qa", "trivia_qa"), "ood",
+                ("commonsense_qa", "trivia_qa"),
+                "commonsense_qa + trivia_qa held out (7 domains); combined target"),
+)}
+
+#: config overrides per variant (on top of the demo preset)
+VARIANTS: dict[str, dict] = {
+    # the demo preset's sizes: 64 examples, LoRA on the top 2 layers, 2 epochs, 48 feedback examples
+    "demo": {},
+    # more of everything that makes the fine-tune move the unseen task: LoRA on 8 layers, M = 128,
+    # 3 epochs, 96 feedback examples
+    "strong": {"budget": 128, "train_per_domain": 128, "lora": {"last_layers": 8},
+               "train": {"epochs": 3.0}, "feedback": {"examples": 96}},
+}
+
+#: the combined file holds this many evaluation-split examples of each task
+COMBINED_PER_TASK = 250
+
+
+def combined_target_file(name: str, tasks: tuple[str, ...], per_task: int = COMBINED_PER_TASK) -> Path:
+    """Write (once; deterministic) the combined target of ``tasks``: ``per_task`` examples of each
+    task's *evaluation* split (prompt, answer, task). The loop reads a file target as a ``qa``
+    domain, so a combined target is scored by ``neg_loss`` only (accuracy: per task, see
+    :func:`accuracy_tasks`)."""
+    from duet_jax.data import SplitSpec, get_domain
+    from duet_jax.loop.setting import select_examples
+
+    path = TARGETS_DIR / f"{name}.jsonl"
+    rows = []
+    for t in tasks:
+        sp = get_domain(t).splits(SplitSpec())
+        # splits hash the prompt only, so the file's own evaluation split is exactly these tasks'
+        # evaluation examples; a few validation (DUET-LESS's query) and train rows keep its other
+        # splits non-empty (never trained on: the tasks are held out of the pool)
+        for part, n in (("evaluation", per_task), ("validation", 32), ("train", 8)):
+            ev = select_examples(list(getattr(sp, part)), n, f"combined|{t}|{part}")
+            rows += [{"task": t, "split": part, "source_id": e.id, "prompt": e.prompt, "answer": e.answer}
+                     for e in ev]
+    text = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
+    if not path.exists() or path.read_text() != text:
+        TARGETS_DIR.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return path
+
+
+def target_option(spec: SettingSpec):
+    """What to pass as ``target=``: a built-in name, or the combined file path."""
+    return spec.target()
+
+
+def accuracy_tasks(spec: SettingSpec) -> list[str]:
+    """The setting's tasks whose accuracy (``acc``) can be measured by log-likelihood (mc)."""
+    from duet_jax.data import get_domain
+
+    return [t for t in spec.tasks if get_domain(t).kind == "mc"]
+
+
+def run_config(setting: str, method: str, seed: int, variant: str = "demo", *, preset_name: str = "demo",
+               rounds: int | None = None, warm_start: int | None = None, extra: dict | None = None):
+    """The RunConfig of one (setting, method, seed, variant)."""
+    from duet_jax.config import _merge, preset
+
+    spec = SETTINGS[setting]
+    over = _merge({}, VARIANTS[variant], variant) if VARIANTS[variant] else {}
+    over = _merge(over, extra or {}, "extra")
+    over.update(method=method, seed=seed, target=spec.target(), domains=list(spec.domains), mode=spec.mode)
+    if rounds is not None:
+        over["rounds"] = rounds
+    if warm_start is not None:
+        over["warm_start"] = warm_start
+    return preset(preset_name, **over)

@@ -1,0 +1,61 @@
+"""The experiment harness on the smoke preset (tiny random model): runs, skips finished runs,
+resumes a killed one from its run directory, and writes summary.json in the issue's format."""
+
+import json
+
+import pytest
+
+from experiments import settings, suite
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    spec = settings.SettingSpec("tiny", ("arc_easy", "sciq", "openbookqa"), "ood", ("arc_challenge",), "test")
+    monkeypatch.setitem(settings.SETTINGS, "tiny", spec)
+    return spec
+
+
+def _args(tmp_path, *more):
+    return ["run", "--settings", "tiny", "--methods", "uniform,random_search", "--seeds", "0",
+            "--preset", "smoke", "--warm-start", "2", "--rounds", "0", "--scratch", str(tmp_path / "s"),
+            "--results", str(tmp_path / "r"), "--inprocess", *more]
+
+
+def test_suite_runs_skips_resumes_and_summarises(tmp_path, tiny, monkeypatch):
+    res = tmp_path / "r"
+    assert suite.main(_args(tmp_path)) == 0
+    for m in ("uniform", "random_search"):
+        d = json.loads((res / "tiny" / m / "seed0.json").read_text())
+        assert d["method"] == m and len(d["history"]) == 2
+        assert d["summary"]["best_feedback"] == max(r["feedback"] for r in d["history"])
+        assert set(d["accuracy"]) == {"arc_challenge"}
+    summ = json.loads((res / "summary.json").read_text())
+    e = summ["settings"]["tiny"]["random_search"]
+    assert e["seeds"] == 1 and e["metric"] == "neg_loss"
+    assert e["mean"] == json.loads((res / "tiny" / "random_search" / "seed0.json").read_text())["summary"]["best_feedback"]
+
+    # a kill after the first evaluation of random_search: its result file is gone, its history has
+    # one line; the rerun skips uniform and resumes random_search (the first record kept as it was)
+    rdir = suite.run_dir(tmp_path / "s", "demo", "tiny", "random_search", 0)
+    first = (rdir / "history.jsonl").read_text().splitlines()[0]
+    (rdir / "history.jsonl").write_text(first + "\n")
+    for f in ("summary.json", "accuracy.json"):
+        (rdir / f).unlink()
+    (res / "tiny" / "random_search" / "seed0.json").unlink()
+    ran = []
+    real = suite.run_one
+    monkeypatch.setattr(suite, "run_one", lambda s, m, *a, **k: (ran.append(m), real(s, m, *a, **k))[1])
+    assert suite.main(_args(tmp_path)) == 0
+    assert ran == ["random_search"]
+    d = json.loads((res / "tiny" / "random_search" / "seed0.json").read_text())
+    assert len(d["history"]) == 2 and json.dumps(d["history"][0], sort_keys=True) == \
+        json.dumps({**json.loads(first)}, sort_keys=True)
+    # everything done: nothing runs
+    ran.clear()
+    assert suite.main(_args(tmp_path)) == 0
+    assert ran == []
+
+
+def test_best_so_far():
+    h = [{"feedback": -2.0}, {"feedback": None}, {"feedback": -3.0}, {"feedback": -1.0}]
+    assert suite.best_so_far(h) == [-2.0, -2.0, -2.0, -1.0]
