@@ -140,6 +140,11 @@ class InfluenceScorer:
         ``H + damping I``).
       projector_options: passed to :func:`~duet_jax.influence.projectors.make_projector`
         (``block_rows``, ``interpret``).
+      mesh: ``None`` or a ``jax.sharding.Mesh`` / :class:`~duet_jax.sharding.MeshConfig`:
+        featurize shards the examples over every device (each vmapped chunk of ``batch_size``
+        examples spans the devices), replicates ``params`` and the projector (a pure function of
+        its seed: every device projects identically, no communication) and FSDP-shards
+        ``context`` (the frozen weights); the features come back sharded by rows.
 
     Example::
 
@@ -167,6 +172,7 @@ class InfluenceScorer:
         lissa_depth: int = 1000,
         lissa_scale: float | None = None,
         projector_options: dict | None = None,
+        mesh=None,
     ):
         if not callable(loss_fn):
             raise InfluenceError(f"loss_fn must be callable; got {type(loss_fn).__name__}")
@@ -199,6 +205,9 @@ class InfluenceScorer:
             lissa_scale=lissa_scale,
         )
         self._projector_options = dict(projector_options or {})
+        from duet_jax.sharding import as_mesh
+
+        self.mesh = as_mesh(mesh)
         self._by_dim: dict[int, tuple[Projector, Any, Callable]] = {}
         self._score_fn = jax.jit(lambda t, q: t @ q.T)
         self.trace_count = 0  # times the featurize function was traced (= compiled)
@@ -270,6 +279,11 @@ class InfluenceScorer:
     # ------------------------------------------------------------------ featurize
     def _make_featurize(self, proj: Projector):
         loss_fn, loss_mask, bs = self.loss_fn, self.loss_mask, self.options.batch_size
+        spec = None
+        if self.mesh is not None:
+            from duet_jax.sharding import batch_sharding
+
+            spec = batch_sharding(self.mesh, bs)
 
         def featurize(params, batch, precondition, proj_state, context):
             self.trace_count += 1
@@ -279,6 +293,9 @@ class InfluenceScorer:
                 return ravel_pytree(jax.grad(fn)(params, ex))[0].astype(jnp.float32)
 
             def chunk(exs):
+                if spec is not None:
+                    exs = jax.tree_util.tree_map(
+                        lambda x: jax.lax.with_sharding_constraint(x, spec), exs)
                 g = jax.vmap(grad_one)(exs)  # [bs, P]
                 ok = jnp.all(jnp.isfinite(g), axis=1)
                 if loss_mask is not None:
@@ -291,7 +308,15 @@ class InfluenceScorer:
             b = jax.tree_util.tree_leaves(batch)[0].shape[0]
             n_full, rem = divmod(b, bs)
             outs = []
-            if n_full:
+            if n_full and spec is not None:
+                # examples sharded by contiguous rows: chunk c takes rows a * n_full + c, so every
+                # chunk spans the devices without moving data
+                main = jax.tree_util.tree_map(
+                    lambda x: x[: n_full * bs].reshape(bs, n_full, *x.shape[1:]).swapaxes(0, 1), batch
+                )
+                f, ok = jax.lax.map(chunk, main)
+                outs.append((f.swapaxes(0, 1).reshape(n_full * bs, -1), ok.T.reshape(-1)))
+            elif n_full:
                 main = jax.tree_util.tree_map(
                     lambda x: x[: n_full * bs].reshape(n_full, bs, *x.shape[1:]), batch
                 )
@@ -351,8 +376,20 @@ class InfluenceScorer:
                 raise InfluenceError(
                     f"precondition must have the parameters' size P={p}; got {pre.shape}"
                 )
+        if self.mesh is not None:
+            params, batch, pre, state, context = self._place(params, batch, pre, state, context)
         features, valid = fn(params, batch, pre, state, context)
         return (features, valid) if return_flags else features
+
+    def _place(self, params, batch, pre, state, context):
+        from duet_jax.sharding import replicate, shard_frozen, shard_rows
+
+        m = self.mesh
+        params, pre, state = replicate((params, pre, state), m)
+        batch = jax.tree_util.tree_map(lambda x: shard_rows(x, m), batch)
+        if context is not None:
+            context = shard_frozen(context, m)
+        return params, batch, pre, state, context
 
     def featurize_query(
         self,

@@ -26,6 +26,14 @@ from duet_jax.data.encode import EncodeConfig, encode_examples, template_parts
 from duet_jax.data.example import Example
 from duet_jax.errors import ConfigError
 from duet_jax.feedback.metrics import choice_byte_lengths, exact_match, mc_accuracy
+from duet_jax.sharding import (
+    as_mesh,
+    batch_sharding,
+    constrain_batch,
+    place_pool,
+    replicate,
+    shard_frozen,
+)
 from duet_jax.train.pool import Pool, build_pool
 
 __all__ = ["row_scores", "answer_loss", "MCSet", "build_mc_set", "multiple_choice",
@@ -40,9 +48,10 @@ def is_stacked(lora, reference_leaf_ndim: int | None = None) -> bool:
     return leaf.ndim == 4  # per adapter, LoRA matrices are [layers of the stack, in, r]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "start", "batch_size", "head_chunk"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "start", "batch_size", "head_chunk",
+                                             "batch_spec"))
 def _scores_jit(graphdef, lora, frozen, pool: Pool, flat_row, flat_slot, flat_valid, *, start: int,
-                batch_size: int, head_chunk: int = 256):
+                batch_size: int, head_chunk: int = 256, batch_spec=None):
     """Two phases: the trained layers for every row (in chunks), then the LM head only on the
     answer slots that carry a weight, gathered into one flat list ``[K]`` (K fixed per pool)."""
     model = nnx.merge(graphdef, lora, frozen)
@@ -53,6 +62,7 @@ def _scores_jit(graphdef, lora, frozen, pool: Pool, flat_row, flat_slot, flat_va
     chunks = jax.tree.map(lambda a: a.reshape((nb, batch_size) + a.shape[1:]), padded)
 
     def layers(batch: Pool):
+        batch = constrain_batch(batch, batch_spec)
         h = batch.hidden.astype(model.dtype) if start > 0 else model.embed(batch.input_ids)
         h, _ = model.run_layers(h, attention_mask=batch.attention_mask, start=start)
         return h
@@ -92,26 +102,38 @@ def _flat_slots(pool: Pool, head_chunk: int):
 
 
 def row_scores(graphdef, lora, frozen, pool: Pool, *, start: int = 0, batch_size: int = 16,
-               head_chunk: int = 256):
+               head_chunk: int = 256, mesh=None):
     """Per pool row: ``(nll_sum, n_loss_tokens, answer_logprob)``, each float32 ``[N]`` (or
-    ``[k, N]`` for stacked adapters). The LM head runs only on weighted answer slots."""
+    ``[k, N]`` for stacked adapters). The LM head runs only on weighted answer slots.
+
+    ``mesh`` (a ``Mesh`` or :class:`~duet_jax.sharding.MeshConfig`): frozen weights FSDP-sharded,
+    each chunk of ``batch_size`` rows split over the mesh."""
     if start > 0 and pool.hidden is None:
         raise ConfigError(f"start={start} needs the frozen-trunk cache in pool.hidden")
     fr, fs, fv = _flat_slots(pool, head_chunk)
+    mesh = as_mesh(mesh)
+    spec = None
+    if mesh is not None:
+        lora, frozen, pool = replicate(lora, mesh), shard_frozen(frozen, mesh), place_pool(pool, mesh)
+        fr, fs, fv = replicate((fr, fs, fv), mesh)
+        spec = batch_sharding(mesh, batch_size)
     fn = functools.partial(_scores_jit, graphdef, frozen=frozen, pool=pool, flat_row=fr, flat_slot=fs,
-                           flat_valid=fv, start=start, batch_size=batch_size, head_chunk=head_chunk)
+                           flat_valid=fv, start=start, batch_size=batch_size, head_chunk=head_chunk,
+                           batch_spec=spec)
     if is_stacked(lora):
         return jax.lax.map(lambda lo: fn(lora=lo), lora)
     return fn(lora=lora)
 
 
-def answer_loss(graphdef, lora, frozen, pool: Pool, *, start: int = 0, batch_size: int = 16) -> dict:
+def answer_loss(graphdef, lora, frozen, pool: Pool, *, start: int = 0, batch_size: int = 16,
+                mesh=None) -> dict:
     """Mean answer-token loss (token-weighted) and perplexity, per adapter, with per-example means.
 
     Raises:
       ConfigError: the pool has no loss token at all (nothing to score).
     """
-    nll, cnt, _ = row_scores(graphdef, lora, frozen, pool, start=start, batch_size=batch_size)
+    nll, cnt, _ = row_scores(graphdef, lora, frozen, pool, start=start, batch_size=batch_size,
+                             mesh=mesh)
     nll, cnt = np.asarray(nll, np.float64), np.asarray(cnt, np.float64)
     total = cnt.sum(-1)
     if np.any(total == 0):
@@ -188,9 +210,11 @@ def build_mc_set(examples: Sequence[Example], tokenizer, config: EncodeConfig | 
                  tuple(mc[i].id for i in kept_examples), tuple(mc[i].id for i in sorted(bad)))
 
 
-def multiple_choice(graphdef, lora, frozen, mc: MCSet, *, start: int = 0, batch_size: int = 16) -> dict:
+def multiple_choice(graphdef, lora, frozen, mc: MCSet, *, start: int = 0, batch_size: int = 16,
+                    mesh=None) -> dict:
     """``acc`` and ``acc_norm`` per adapter (float ``[k]`` or scalar) and per example."""
-    _, _, ll = row_scores(graphdef, lora, frozen, mc.pool, start=start, batch_size=batch_size)
+    _, _, ll = row_scores(graphdef, lora, frozen, mc.pool, start=start, batch_size=batch_size,
+                          mesh=mesh)
     ll = np.asarray(ll, np.float64)
     stacked = ll.ndim == 2
     ll = ll if stacked else ll[None]

@@ -18,6 +18,7 @@ from flax import nnx
 
 from duet_jax.errors import ConfigError
 from duet_jax.models.lora import LoRAParam, lora_layers
+from duet_jax.sharding import as_mesh, batch_sharding, replicate, shard_frozen
 from duet_jax.train.pool import Pool
 
 __all__ = ["split_model", "trunk_start", "slot_logprobs", "run_layers_remat", "trunk_hidden"]
@@ -85,13 +86,20 @@ def _trunk_chunk(graphdef, lora, frozen, input_ids, attention_mask, *, start, dt
 
 
 def trunk_hidden(graphdef, lora, frozen, pool: Pool, *, start: int, batch_size: int = 16,
-                 dtype=jnp.float32, bucket: int = 32) -> jax.Array:
+                 dtype=jnp.float32, bucket: int = 32, mesh=None) -> jax.Array:
     """Hidden states ``[N, T, D]`` entering layer ``start`` for every pool row.
 
     Rows are grouped by length, rounded up to a multiple of ``bucket``, and each group runs at its
     own length in chunks of ``batch_size`` rows: padding costs little, and there is one compiled
     program per length bucket. Positions past a row's length hold zeros (they are masked).
+
+    ``mesh`` (a ``Mesh`` or :class:`~duet_jax.sharding.MeshConfig`): frozen weights FSDP-sharded,
+    each chunk's rows split over the mesh; the result is gathered on the host as without a mesh.
     """
+    mesh = as_mesh(mesh)
+    if mesh is not None:
+        lora, frozen = replicate(lora, mesh), shard_frozen(frozen, mesh)
+        rows_sharding = batch_sharding(mesh, batch_size)
     if start <= 0:
         raise ConfigError("the frozen trunk is empty (an adapter sits in layer 0)")
     ids = np.asarray(pool.input_ids)
@@ -105,8 +113,11 @@ def trunk_hidden(graphdef, lora, frozen, pool: Pool, *, start: int, batch_size: 
         for s in range(0, rows.size, batch_size):
             chunk = rows[s:s + batch_size]
             full = np.resize(chunk, batch_size)  # pad the last chunk with repeats (same shape)
-            h = _trunk_chunk(graphdef, lora, frozen, jnp.asarray(ids[full, :L]),
-                             jnp.asarray(att[full, :L]), start=int(start), dtype=jnp.dtype(dtype))
+            ci, ca = ids[full, :L], att[full, :L]
+            if mesh is not None:
+                ci, ca = jax.device_put((ci, ca), rows_sharding)
+            h = _trunk_chunk(graphdef, lora, frozen, jnp.asarray(ci), jnp.asarray(ca),
+                             start=int(start), dtype=jnp.dtype(dtype))
             h = np.asarray(h)
             if out is None:
                 out = np.zeros((n, t, h.shape[-1]), h.dtype)

@@ -26,6 +26,15 @@ import numpy as np
 import optax
 
 from duet_jax.errors import ConfigError, TrainingError
+from duet_jax.sharding import (
+    as_mesh,
+    batch_sharding,
+    constrain_batch,
+    place_pool,
+    replicate,
+    shard_frozen,
+    shard_rows,
+)
 from duet_jax.train.forward import slot_logprobs
 from duet_jax.train.pool import Pool
 
@@ -147,7 +156,7 @@ def _masked_mean_nll(graphdef, lora, frozen, batch: Pool, start, dropout_key, re
 
 
 def _finetune_one(graphdef, lora0, frozen, pool: Pool, indices, key, *, config: TrainConfig,
-                  steps: int, start: int):
+                  steps: int, start: int, batch_spec=None):
     M = indices.shape[0]
     B, G = config.batch_size, config.grad_accum
     per_step = B * G
@@ -165,7 +174,7 @@ def _finetune_one(graphdef, lora0, frozen, pool: Pool, indices, key, *, config: 
 
         def micro(acc, g_rows):
             g_i, r = g_rows
-            batch = pool.take(r)
+            batch = constrain_batch(pool.take(r), batch_spec)
             dk = jax.random.fold_in(jax.random.fold_in(k_drop, s), g_i)
             loss, g = grad_fn(graphdef, lora, frozen, batch, start, dk, config.remat_arg)
             return jax.tree.map(jnp.add, acc, (loss, g)), None
@@ -187,17 +196,25 @@ def _finetune_one(graphdef, lora0, frozen, pool: Pool, indices, key, *, config: 
     return TrainResult(lora, opt, losses, bad)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config", "steps", "start"))
-def _finetune_jit(graphdef, lora0, frozen, pool, indices, key, *, config, steps, start):
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "steps", "start", "batch_spec"))
+def _finetune_jit(graphdef, lora0, frozen, pool, indices, key, *, config, steps, start,
+                  batch_spec=None):
     return _finetune_one(graphdef, lora0, frozen, pool, indices, key, config=config, steps=steps,
-                         start=start)
+                         start=start, batch_spec=batch_spec)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config", "steps", "start"))
-def _finetune_many_jit(graphdef, lora0, frozen, pool, indices, keys, *, config, steps, start):
-    fn = functools.partial(_finetune_one, config=config, steps=steps, start=start)
-    return jax.vmap(fn, in_axes=(None, None, None, None, 0, 0))(graphdef, lora0, frozen, pool,
-                                                                 indices, keys)
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "steps", "start", "batch_spec",
+                                             "spmd_axis"))
+def _finetune_many_jit(graphdef, lora0, frozen, pool, indices, keys, *, config, steps, start,
+                       batch_spec=None, spmd_axis=None):
+    fn = functools.partial(_finetune_one, config=config, steps=steps, start=start,
+                           batch_spec=batch_spec)
+    return jax.vmap(fn, in_axes=(None, None, None, None, 0, 0), spmd_axis_name=spmd_axis)(
+        graphdef, lora0, frozen, pool, indices, keys)
+
+
+def _place(mesh, lora0, frozen, pool):
+    return replicate(lora0, mesh), shard_frozen(frozen, mesh), place_pool(pool, mesh)
 
 
 def _check(pool: Pool, indices, config: TrainConfig, start: int):
@@ -228,7 +245,7 @@ def _raise_if_bad(result: TrainResult, config: TrainConfig, steps: int):
 
 
 def finetune(graphdef, lora0, frozen, pool: Pool, indices, key, config: TrainConfig, *,
-             start: int = 0) -> TrainResult:
+             start: int = 0, mesh=None) -> TrainResult:
     """Fine-tune one adapter on the mixture ``indices`` (int32 ``[M]``).
 
     Args:
@@ -239,6 +256,10 @@ def finetune(graphdef, lora0, frozen, pool: Pool, indices, key, config: TrainCon
         bit, on the same backend.
       config: hyperparameters.
       start: the first layer to run (the frozen-trunk split), 0 for the full model.
+      mesh: ``None`` (no placement: wherever the inputs are), a ``jax.sharding.Mesh`` or a
+        :class:`~duet_jax.sharding.MeshConfig`: frozen weights FSDP-sharded, the adapter
+        replicated, each step's batch split over the mesh (see :mod:`duet_jax.sharding`).
+        Inputs already placed that way are not copied again.
 
     Raises:
       ConfigError: empty mixture, fewer examples than one batch, indices out of range.
@@ -247,22 +268,44 @@ def finetune(graphdef, lora0, frozen, pool: Pool, indices, key, config: TrainCon
     indices = jnp.asarray(indices, jnp.int32)
     _check(pool, indices, config, start)
     steps = num_steps(config, indices.shape[0])
+    mesh = as_mesh(mesh)
+    spec = None
+    if mesh is not None:
+        lora0, frozen, pool = _place(mesh, lora0, frozen, pool)
+        indices, key = replicate((indices, key), mesh)
+        spec = batch_sharding(mesh, config.batch_size)
     res = _finetune_jit(graphdef, lora0, frozen, pool, indices, key, config=config, steps=steps,
-                        start=int(start))
+                        start=int(start), batch_spec=spec)
     _raise_if_bad(res, config, steps)
     return res
 
 
 def finetune_many(graphdef, lora0, frozen, pool: Pool, indices, keys, config: TrainConfig, *,
-                  start: int = 0) -> TrainResult:
+                  start: int = 0, mesh=None) -> TrainResult:
     """Fine-tune ``k`` adapters at once: ``indices`` int32 ``[k, M]``, ``keys`` ``[k]``. Returns a
-    :class:`TrainResult` whose leaves have a leading ``[k]`` axis."""
+    :class:`TrainResult` whose leaves have a leading ``[k]`` axis.
+
+    With a ``mesh`` whose ``data`` axis divides ``k``, the ``k`` fine-tunes are spread over
+    ``data`` (``k / data`` per device group, each adapter's batch over ``fsdp``); otherwise every
+    adapter's batch is split over the whole mesh."""
     indices = jnp.asarray(indices, jnp.int32)
     if indices.ndim != 2:
         raise ConfigError(f"indices must be [k, M], got shape {indices.shape}")
     _check(pool, indices, config, start)
     steps = num_steps(config, indices.shape[1])
+    mesh = as_mesh(mesh)
+    spec, spmd = None, None
+    if mesh is not None:
+        lora0, frozen, pool = _place(mesh, lora0, frozen, pool)
+        k, d = indices.shape[0], mesh.shape["data"]
+        if d > 1 and k % d == 0:
+            spmd = "data"
+            indices, keys = shard_rows(indices, mesh, ("data",)), shard_rows(keys, mesh, ("data",))
+            spec = batch_sharding(mesh, config.batch_size, ("fsdp",))
+        else:
+            indices, keys = replicate((indices, keys), mesh)
+            spec = batch_sharding(mesh, config.batch_size)
     res = _finetune_many_jit(graphdef, lora0, frozen, pool, indices, keys, config=config, steps=steps,
-                             start=int(start))
+                             start=int(start), batch_spec=spec, spmd_axis=spmd)
     _raise_if_bad(res, config, steps)
     return res

@@ -1,0 +1,210 @@
+"""The device mesh and the sharding rules of duet-jax, on ``jax.sharding`` (no home-made SPMD).
+
+One 2-D mesh with named axes ``("data", "fsdp")``:
+
+* frozen base weights are sharded FSDP-style along ``fsdp``: each array on its largest dimension
+  that ``fsdp`` divides (never the leading layer axis of a stacked layer, so ``lax.scan`` slices one
+  layer locally); XLA all-gathers a layer's weights where the layer runs;
+* LoRA weights, optimizer state and the projector are replicated (they are small; the projector is
+  a pure function of its seed, so every device projects identically without communication);
+* batches are sharded on their leading (example) axis over ``("data", "fsdp")`` together, as in
+  ZeRO-3 / MaxText: every device computes on its own examples; with ``finetune_many`` the ``k``
+  adapters are spread over ``data`` (``vmap(spmd_axis_name="data")``) and each adapter's batch over
+  ``fsdp``.
+
+Programs are plain ``jax.jit``: the inputs are placed with :func:`place` / :func:`shard_frozen`, and
+``jax.lax.with_sharding_constraint`` pins the per-step batch to :func:`batch_sharding`. The same code
+runs on one device (a 1 x 1 mesh, or ``mesh=None``: nothing is placed).
+
+Example::
+
+    from duet_jax.sharding import MeshConfig, make_mesh
+    mesh = make_mesh(MeshConfig(data=2, fsdp=4))        # 8 devices
+    res = finetune(g, lora, frozen, pool, idx, key, cfg, mesh=mesh)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from duet_jax.errors import ConfigError
+
+__all__ = [
+    "AXES",
+    "BATCH_AXES",
+    "MeshConfig",
+    "make_mesh",
+    "as_mesh",
+    "replicated",
+    "batch_sharding",
+    "param_spec",
+    "shard_frozen",
+    "replicate",
+    "shard_rows",
+    "place_pool",
+    "constrain_batch",
+    "initialize_distributed",
+]
+
+AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshConfig:
+    """The device mesh (``--mesh.data``, ``--mesh.fsdp``).
+
+    Attributes:
+      data: devices on the ``data`` axis (adapters / batches); ``None``: the devices left over.
+      fsdp: devices on the ``fsdp`` axis (frozen weights sharded, batches too); ``None``: the
+        devices left over. Both ``None`` (the default): every device on ``fsdp``, i.e. weights
+        sharded over all devices and batches split over all devices.
+    """
+
+    data: int | None = None
+    fsdp: int | None = None
+
+    def __post_init__(self):
+        for name in ("data", "fsdp"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int | np.integer) or int(v) < 1):
+                raise ConfigError(f"mesh.{name} must be a positive integer or None (auto), got {v!r}")
+
+    def shape(self, n_devices: int) -> tuple[int, int]:
+        """``(data, fsdp)`` for ``n_devices`` devices."""
+        d, f = self.data, self.fsdp
+        if d is None and f is None:
+            d, f = 1, n_devices
+        elif d is None:
+            if n_devices % f:
+                raise ConfigError(f"mesh.fsdp={f} does not divide the {n_devices} devices")
+            d = n_devices // f
+        elif f is None:
+            if n_devices % d:
+                raise ConfigError(f"mesh.data={d} does not divide the {n_devices} devices")
+            f = n_devices // d
+        if d * f != n_devices:
+            raise ConfigError(f"mesh data x fsdp = {d} x {f} = {d * f}, but there are {n_devices} "
+                              "devices (use None for one axis to take the rest)")
+        return int(d), int(f)
+
+
+def make_mesh(config: MeshConfig | None = None, devices: Sequence | None = None) -> Mesh:
+    """A ``("data", "fsdp")`` mesh over ``devices`` (default: all of ``jax.devices()``, every host)."""
+    config = config or MeshConfig()
+    devices = list(jax.devices() if devices is None else devices)
+    d, f = config.shape(len(devices))
+    try:  # topology-aware order on TPU / GPU
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh((d, f), devices)
+    except Exception:  # CPU devices, odd shapes: keep the given order
+        grid = np.asarray(devices, dtype=object).reshape(d, f)
+    return Mesh(grid, AXES)
+
+
+def as_mesh(mesh) -> Mesh | None:
+    """``None`` -> ``None``; a :class:`MeshConfig` -> :func:`make_mesh`; a ``Mesh`` as is."""
+    if mesh is None or isinstance(mesh, Mesh):
+        return mesh
+    if isinstance(mesh, MeshConfig):
+        return make_mesh(mesh)
+    raise ConfigError(f"mesh must be None, a MeshConfig or a jax.sharding.Mesh, got {type(mesh).__name__}")
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def _axes_for(mesh: Mesh, n: int, axes: Sequence[str]) -> tuple[str, ...]:
+    """The largest prefix-free choice of ``axes`` whose device count divides ``n``."""
+    axes = tuple(a for a in axes if mesh.shape[a] > 1)
+    if not axes:
+        return ()
+    total = int(np.prod([mesh.shape[a] for a in axes]))
+    if n % total == 0:
+        return axes
+    for a in sorted(axes, key=lambda a: -mesh.shape[a]):
+        if n % mesh.shape[a] == 0:
+            return (a,)
+    return ()
+
+
+def batch_sharding(mesh: Mesh, n: int, axes: Sequence[str] = BATCH_AXES) -> NamedSharding:
+    """Leading axis of size ``n`` over ``axes`` (as many of them as divide ``n``), rest replicated."""
+    use = _axes_for(mesh, n, axes)
+    return NamedSharding(mesh, P(use if use else None))
+
+
+def param_spec(shape: Sequence[int], mesh: Mesh, *, stacked: bool) -> P:
+    """FSDP spec of one frozen parameter: its largest dimension divisible by ``fsdp`` (skipping
+    the layer axis of stacked parameters); vectors (norms, biases) and indivisible arrays are
+    replicated."""
+    f = mesh.shape["fsdp"]
+    first = 1 if stacked else 0
+    dims = [i for i in range(first, len(shape)) if shape[i] % f == 0]
+    if f == 1 or len(shape) - first < 2 or not dims:
+        return P()
+    best = max(dims, key=lambda i: (shape[i], -i))
+    spec = [None] * len(shape)
+    spec[best] = "fsdp"
+    return P(*spec)
+
+
+def _is_stacked(path) -> bool:
+    return any(getattr(k, "key", getattr(k, "name", None)) == "stacks" for k in path)
+
+
+def shard_frozen(frozen, mesh: Mesh):
+    """Place the frozen base weights (an ``nnx.State``) FSDP-sharded on ``mesh``."""
+
+    def put(path, x):
+        spec = param_spec(np.shape(x), mesh, stacked=_is_stacked(path))
+        return jax.device_put(x, NamedSharding(mesh, spec))
+
+    return jax.tree_util.tree_map_with_path(put, frozen)
+
+
+def replicate(tree, mesh: Mesh):
+    """Every array of ``tree`` replicated on ``mesh``."""
+    s = replicated(mesh)
+    return jax.tree.map(lambda x: jax.device_put(x, s), tree)
+
+
+def shard_rows(x, mesh: Mesh, axes: Sequence[str] = BATCH_AXES):
+    """``x``'s leading axis over ``axes`` (replicated if no axis divides it)."""
+    return jax.device_put(x, batch_sharding(mesh, np.shape(x)[0], axes))
+
+
+def place_pool(pool, mesh: Mesh):
+    """A :class:`~duet_jax.train.pool.Pool` on ``mesh``: token arrays replicated (small), the
+    frozen-trunk cache ``hidden`` (``[N, T, D]``, large) sharded by rows."""
+    rest = dataclasses.replace(pool, hidden=None)
+    rest = replicate(rest, mesh)
+    if pool.hidden is None:
+        return rest
+    return dataclasses.replace(rest, hidden=shard_rows(pool.hidden, mesh))
+
+
+def constrain_batch(tree, sharding: NamedSharding | None):
+    """``with_sharding_constraint`` of every leaf's leading axis (inside jit); no-op for ``None``."""
+    if sharding is None:
+        return tree
+    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, sharding), tree)
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """``jax.distributed.initialize`` for multi-host runs: from the arguments, else from the
+    environment (TPU VMs, SLURM and Open MPI are detected by JAX itself). Call it once per process,
+    before any other JAX call; a single-process run does not need it."""
+    kwargs = {k: v for k, v in dict(coordinator_address=coordinator_address,
+                                    num_processes=num_processes, process_id=process_id).items()
+              if v is not None}
+    jax.distributed.initialize(**kwargs)
