@@ -44,7 +44,7 @@ from duet_jax.models.lora import LoRAConfig
 from duet_jax.train.trainer import TrainConfig
 
 __all__ = ["RunConfig", "SECTIONS", "PRESETS", "preset", "load_config", "add_config_flags",
-           "config_from_args", "to_dict", "from_dict", "config_hash", "convert"]
+           "config_from_args", "to_dict", "from_dict", "config_hash", "convert", "FlagText"]
 
 
 def _f(default, help: str):
@@ -161,7 +161,7 @@ PRESETS: dict[str, dict] = {
         "encode": {"max_length": 64, "buckets": [32], "chat_template": "never"},
         "influence": {"proj_dim": 64, "proxy_examples": 16, "validation_examples": 8, "chunk_size": 16},
         "feedback": {"examples": 16},
-        "baselines": {"proxy_runs": 4, "aioli_rounds": 1, "doremi_steps": 8},
+        "baselines": {"proxy_runs": 3, "aioli_rounds": 1, "doremi_steps": 4},
     },
     # The paper's protocol (9 domains, M = 10,000, k = 1, T = 10, 50 warm-start mixtures), for a
     # TPU/GPU host with a real checkpoint: set --model to a Llama-3-8B-Instruct directory.
@@ -187,6 +187,10 @@ _FALSE = {"false", "no", "off", "0"}
 _NULL = {"null", "none", "~", ""}
 
 
+class FlagText(str):
+    """A value as typed on the command line (``--domains a,b``): text that may spell a list."""
+
+
 def _tname(t) -> str:
     return getattr(t, "__name__", None) or str(t).replace("typing.", "")
 
@@ -195,8 +199,10 @@ def convert(value: Any, annotation, where: str) -> Any:
     """``value`` (from YAML, JSON or a flag's text) as the type ``annotation``; ConfigError naming
     ``where`` when it is not one.
 
-    Flags give text: ``1e-4`` is a float, ``a,b`` is a list, ``null`` is None. Integers are never
-    silently truncated (``2.5`` for an int is an error), booleans are never numbers.
+    Flags give text (:class:`FlagText`): ``1e-4`` is a float, ``a,b`` or ``[a, b]`` a list, ``null``
+    None. In a YAML file a list must be a list (``domains: arc_easy`` is an error), and ``1e-4``,
+    which YAML reads as text, is still a float. Integers are never silently truncated (``2.5`` for
+    an int is an error), booleans are never numbers.
     """
     bad = lambda what: ConfigError(f"{where}: expected {what}, got {value!r}")
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
@@ -250,9 +256,11 @@ def convert(value: Any, annotation, where: str) -> Any:
         raise bad("a number")
     if annotation is str:
         if isinstance(value, str):
-            return value
+            return str(value)
         raise bad("a string")
     if annotation in (list, tuple) or origin in (list, tuple):
+        if isinstance(value, str) and not isinstance(value, FlagText):
+            raise bad("a list (in YAML: [a, b] or one '- item' per line)")
         if isinstance(value, str):
             text = value.strip()
             if text.startswith("["):
@@ -454,9 +462,9 @@ def config_from_args(args: argparse.Namespace, *, preset_name: str | None = None
         name = key[4:]
         if "." in name:
             sec, field = name.split(".", 1)
-            flags.setdefault(sec, {})[field] = raw
+            flags.setdefault(sec, {})[field] = FlagText(raw)
         else:
-            flags[name] = raw
+            flags[name] = FlagText(raw)
     file_values = load_config(config_file) if config_file else {}
     name = preset_name or file_values.get("preset") or "demo"
     if name not in PRESETS:

@@ -29,8 +29,10 @@ from duet_jax.train.trainer import _finetune_one, learning_rate_schedule, num_st
 __all__ = ["Evaluation", "LocalStep", "divergence", "eval_seed", "local_program"]
 
 #: a fine-tune whose mean loss over its last quarter of steps exceeds the first quarter's by more
-#: than this fraction is reported as diverged
-RISE_TOLERANCE = 0.05
+#: than this fraction is reported as diverged. Not smaller: the loss of one batch differs from the
+#: next by 5% and more on short runs (seen on the smoke preset), and a false alarm would throw a
+#: good evaluation away.
+RISE_TOLERANCE = 0.25
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "train_config", "steps", "start", "k", "budget",

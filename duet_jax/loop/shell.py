@@ -65,16 +65,16 @@ class RunShell:
     def _check_history(self) -> None:
         names = [d if isinstance(d, str) else d.get("name", d.get("source")) for d in self.config.domains]
         for r in self.history:
+            if set(r.get("ratio", {})) != set(names):
+                raise ConfigError(
+                    f"{self.dir}: evaluation {r['eval']} mixes the domains {sorted(r.get('ratio', {}))}, "
+                    f"but the config names {sorted(names)}; this directory holds another run")
             h = r.get("config_hash")
             if h is not None and h != self.hash:
                 raise ConfigError(
                     f"{self.dir}: evaluation {r['eval']} was made with another configuration (hash {h}, "
                     f"config.json now gives {self.hash}); config.json was changed after the run started. "
                     "Restore it, or start a new run in another --out_dir")
-            if set(r.get("ratio", {})) != set(names):
-                raise ConfigError(
-                    f"{self.dir}: evaluation {r['eval']} mixes the domains {sorted(r.get('ratio', {}))}, "
-                    f"but the config names {sorted(names)}; this directory holds another run")
         if len(self.history) > self.config.evaluations:
             raise ConfigError(f"{self.dir}: the history holds {len(self.history)} evaluations, more than "
                               f"the config's {self.config.evaluations}; config.json was changed")
