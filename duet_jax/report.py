@@ -475,16 +475,24 @@ def eval_line(rec: dict, names: list[str], best: dict | None) -> str:
 
 
 def closing_table(summary: dict, names: list[str]) -> str:
-    w = max(len(n) for n in names + ["uniform mixture"])
-    lines = ["", "DUET result", "-" * (w + 24),
-             f"{'uniform mixture':<{w}}  feedback {_fmt(summary['uniform_feedback'])}",
-             f"{'DUET best':<{w}}  feedback {_fmt(summary['best_feedback'])}"
-             f"  (evaluation {summary['best_evaluation']})",
-             "-" * (w + 24), "best ratio:"]
+    method = summary.get("method") or "duet_if"
+    label = f"{method} best" + (" (oracle)" if summary.get("oracle") else "")
+    w = max(len(n) for n in names + ["uniform mixture", label])
+    lines = ["", f"result of {method}", "-" * (w + 24)]
+    if summary["uniform_feedback"] is not None:
+        lines.append(f"{'uniform mixture':<{w}}  feedback {_fmt(summary['uniform_feedback'])}")
+    lines += [f"{label:<{w}}  feedback {_fmt(summary['best_feedback'])}"
+              f"  (evaluation {summary['best_evaluation']})"]
+    if summary.get("feedback_std") is not None:
+        lines.append(f"{'all evaluations':<{w}}  mean {summary['feedback_mean']:.4f}, "
+                     f"std {summary['feedback_std']:.4f}")
+    lines += ["-" * (w + 24), "best ratio:"]
     if summary["best_ratio"]:
         for n in names:
             s = summary["best_ratio"][n]
             lines.append(f"  {n:<{w}} {s:6.3f}  {'#' * int(round(s * 30))}")
-    lines.append(f"{summary['n_evaluations']} evaluations ({summary['n_failed']} failed) in "
+    proxy = summary.get("proxy_finetunes")
+    extra = f", plus {proxy} proxy fine-tune(s)" if proxy else ""
+    lines.append(f"{summary['n_evaluations']} evaluations ({summary['n_failed']} failed){extra} in "
                  f"{summary['wall_seconds']:.0f} s")
     return "\n".join(lines)
