@@ -69,6 +69,9 @@ SETTINGS: dict[str, SettingSpec] = {s.name: s for s in (
 VARIANTS: dict[str, dict] = {
     # the demo preset's sizes: 64 examples, LoRA on the top 2 layers, 2 epochs, 48 feedback examples
     "demo": {},
+    # twice the data and the adapted layers: M = 128 (128 train examples per domain), LoRA on the top
+    # 4 layers, 96 feedback examples (2x the steps, 2x the layers: about 4x the demo's cost)
+    "mid": {"budget": 128, "train_per_domain": 128, "lora": {"last_layers": 4}, "feedback": {"examples": 96}},
     # more of everything that makes the fine-tune move the unseen task: LoRA on 8 layers, M = 128,
     # 3 epochs, 96 feedback examples
     "strong": {"budget": 128, "train_per_domain": 128, "lora": {"last_layers": 8},
