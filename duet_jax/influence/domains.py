@@ -41,7 +41,7 @@ from duet_jax.train.pool import Pool
 from duet_jax.train.trainer import TrainConfig, finetune
 
 __all__ = ["DomainScores", "InfluenceConfig", "domain_influence", "example_loss_fn", "featurize_pool",
-           "length_chunks"]
+           "length_chunks", "trim_pool"]
 
 CURVATURES = ("identity", "cosine", "adam", "fisher")
 
@@ -111,6 +111,27 @@ def example_loss_fn(graphdef, start: int) -> Callable:
     return loss
 
 
+def trim_pool(pool: Pool, buckets: Sequence[int] | None = None, bucket: int = 16) -> Pool:
+    """A host pool cut to its longest row's length, rounded up to the smallest of ``buckets`` that
+    holds it (or to a multiple of ``bucket``), never beyond the pool's own length.
+
+    Exact: rows are right-padded, positions past a row's length are masked, and its answer slots
+    lie inside it, so every row's loss (and gradient) is unchanged.
+    """
+    lengths = np.asarray(pool.attention_mask).sum(1)
+    need = max(int(lengths.max()), 1)
+    if buckets:
+        fits = [b for b in sorted(buckets) if b >= need]
+        T = fits[0] if fits else pool.length
+    else:
+        T = -(-need // bucket) * bucket
+    T = int(min(pool.length, T))
+    if T == pool.length:
+        return pool
+    return dataclasses.replace(pool, input_ids=pool.input_ids[:, :T], attention_mask=pool.attention_mask[:, :T],
+                               hidden=None if pool.hidden is None else pool.hidden[:, :T])
+
+
 def length_chunks(pool: Pool, chunk: int, bucket: int = 16) -> list[tuple[np.ndarray, Pool]]:
     """Pool rows sorted by real length, cut into chunks of ``chunk`` rows, each trimmed to its
     longest row rounded up to ``bucket`` tokens (host arrays).
@@ -130,10 +151,7 @@ def length_chunks(pool: Pool, chunk: int, bucket: int = 16) -> list[tuple[np.nda
     for s in range(0, order.size, chunk):
         rows = order[s:s + chunk]
         full = np.resize(rows, chunk)
-        T = int(min(pool.length, -(-max(int(lengths[rows].max()), 1) // bucket) * bucket))
-        sub = jax.tree.map(lambda a, full=full: np.asarray(a)[full], pool)
-        sub = dataclasses.replace(sub, input_ids=sub.input_ids[:, :T], attention_mask=sub.attention_mask[:, :T],
-                                  hidden=None if sub.hidden is None else sub.hidden[:, :T])
+        sub = trim_pool(jax.tree.map(lambda a, full=full: np.asarray(a)[full], pool), bucket=bucket)
         out.append((rows, sub))
     return out
 
@@ -181,6 +199,7 @@ def domain_influence(
     train_config: TrainConfig,
     config: InfluenceConfig | None = None,
     query_pool: Pool | None = None,
+    buckets: Sequence[int] | None = None,
     store_root: str | Path | None = None,
     key: jax.Array | None = None,
     progress: Callable[[str, int, int], None] | None = None,
@@ -198,6 +217,10 @@ def domain_influence(
       config: the influence options (:class:`InfluenceConfig`; ``None``: its defaults).
       query_pool: score every domain against these rows instead of the domain's own validation
         rows (DUET-LESS: a few examples of the target task; an oracle, since it sees task data).
+      buckets: sequence lengths the featurize chunks are cut to (the run's encode buckets, so the
+        per-example gradient program compiles once per bucket); ``None``: multiples of 16. Each
+        domain's rows are featurized shortest first, so a chunk holds rows of similar length and
+        a pool of short rows costs their real length, not the pool's longest.
       store_root: directory for the resumable feature stores (None: in memory only).
       progress: ``progress(domain, done_chunks, num_chunks)``.
 
@@ -221,6 +244,7 @@ def domain_influence(
         damping=damping, seed=seed, batch_size=min(chunk_size, 16),
         loss_mask=lambda ex: jnp.sum(ex.loss_mask))
     cfg = dataclasses.replace(train_config, steps=None, epochs=config.proxy_epochs)
+    row_len = np.asarray(pool.attention_mask).sum(1)
     for d, name in enumerate(names):
         rows = np.flatnonzero(domain_of == d)
         vrows = np.flatnonzero(val_domain_of == d)[:validation_examples]
@@ -232,6 +256,7 @@ def domain_influence(
         k_pick, k_train = jax.random.split(kd)
         pick = np.asarray(jax.random.permutation(k_pick, rows.size))
         order = rows[pick[np.arange(proxy_examples) % rows.size]]
+        rows = rows[np.argsort(row_len[rows], kind="stable")]  # shortest first: chunks of like length
         proxy = finetune(graphdef, lora0, frozen, pool, order, k_train, cfg, start=start)
         model_hash = hashlib.sha256(
             f"{base_model_id}|{params_fingerprint(proxy.lora)}".encode()).hexdigest()[:16]
@@ -246,7 +271,7 @@ def domain_influence(
                                       dim=scorer.projector_for(proxy.lora).out_dim, chunk_size=chunk_size)
             cb = None if progress is None else (lambda i, n, name=name: progress(name, i, n))
             featurize_into_store(scorer, proxy.lora, examples, store, progress=cb, context=frozen,
-                                 precondition=pre)
+                                 precondition=pre, trim=lambda c: trim_pool(c, buckets))
             feats, ok = store.load()
         else:
             feats, ok = scorer.featurize(proxy.lora, examples, return_flags=True, context=frozen,

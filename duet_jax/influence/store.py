@@ -252,6 +252,7 @@ def featurize_into_store(
     precondition: Any = None,
     progress: Callable[[int, int], None] | None = None,
     context: Any = None,
+    trim: Callable[[Any], Any] | None = None,
 ) -> FeatureStore:
     """Featurize ``examples`` chunk by chunk into ``store``, skipping chunks already done.
 
@@ -266,6 +267,8 @@ def featurize_into_store(
       precondition: passed to :meth:`InfluenceScorer.featurize`.
       progress: called as ``progress(done_chunks, num_chunks)`` after each chunk.
       context: passed to :meth:`InfluenceScorer.featurize` (fixed inputs such as frozen weights).
+      trim: applied to each chunk before it is featurized (e.g. cut padding off the sequence axis,
+        :func:`duet_jax.influence.domains.trim_pool`); it must not change the features.
 
     Returns:
       The store (complete).
@@ -283,6 +286,8 @@ def featurize_into_store(
         idx = np.arange(s, s + store.chunk_size)
         idx = np.where(idx < e, idx, s + (idx - s) % (e - s))
         chunk = jax.tree_util.tree_map(lambda x, idx=idx: np.asarray(x)[idx], examples)
+        if trim is not None:
+            chunk = trim(chunk)
         f, ok = scorer.featurize(params, chunk, precondition=precondition, return_flags=True,
                                  context=context)
         store.write_chunk(i, np.asarray(f)[: e - s], np.asarray(ok)[: e - s])

@@ -244,7 +244,8 @@ class Setting:
             pool=self.pool, domain_of=self.domain_of, val_pool=vpool, val_domain_of=vdom,
             names=self.names, example_ids=[e.id for e in self.pool_examples],
             base_model_id=f"{cfg.model}|{cfg.seed}|{json.dumps(dataclasses.asdict(cfg.lora), sort_keys=True)}",
-            train_config=cfg.train, config=cfg.influence, query_pool=qpool, store_root=root,
+            train_config=cfg.train, config=cfg.influence, query_pool=qpool,
+            buckets=self.encode.bucket_lengths, store_root=root,
             key=jax.random.fold_in(jax.random.key(cfg.seed), 10**6),
             progress=self.progress)
         root.mkdir(parents=True, exist_ok=True)

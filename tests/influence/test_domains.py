@@ -57,3 +57,23 @@ def test_examples_without_loss_tokens_are_flagged_not_nan():
     out = domain_influence(**kw)
     assert not out.valid[3] and out.scores[3] == 0.0 and np.isfinite(out.scores).all()
     assert out.per_domain["a"]["flagged"] == 1
+
+
+def test_length_sorted_trimmed_featurize_equals_the_untrimmed_one(tmp_path, monkeypatch):
+    """The run's path (store, rows shortest first, each chunk cut to its bucket) gives the scores
+    of featurizing every row at the pool's full length."""
+    from duet_jax.influence import domains as dom_mod
+
+    kw = _setup()
+    lengths = np.asarray(kw["pool"].attention_mask).sum(1)
+    assert lengths.min() < 40 < kw["pool"].length  # some chunks are really cut
+    seen = []
+    real = dom_mod.trim_pool
+    monkeypatch.setattr(dom_mod, "trim_pool", lambda c, b: seen.append(real(c, b).length) or real(c, b))
+    trimmed = domain_influence(**kw, buckets=(16, 40), store_root=tmp_path / "if")
+    full = domain_influence(**kw)  # in memory: one featurize of each domain, untrimmed
+    assert min(seen) < kw["pool"].length
+    # float32 sums in another order: equal to 1e-5 of the scores' scale
+    scale = np.abs(full.scores).max()
+    np.testing.assert_allclose(trimmed.scores, full.scores, rtol=1e-4, atol=1e-5 * scale)
+    assert (trimmed.valid == full.valid).all()
