@@ -47,6 +47,8 @@ __all__ = [
     "shard_frozen",
     "replicate",
     "shard_rows",
+    "put",
+    "gather",
     "place_pool",
     "constrain_batch",
     "initialize_distributed",
@@ -157,6 +159,39 @@ def param_spec(shape: Sequence[int], mesh: Mesh, *, stacked: bool) -> P:
     return P(*spec)
 
 
+def put(x, sharding: NamedSharding):
+    """``x`` on ``sharding``. One process: ``jax.device_put`` (a no-op when already there). Several
+    processes (multi-host): built with ``jax.make_array_from_callback`` from the host value, which
+    every process must hold identically (each process fills only its own devices' shards)."""
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return jax.device_put(x, sharding)  # already global: reshard
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = np.asarray(jax.random.key_data(x))
+        impl = jax.random.key_impl(x)
+        arr = jax.make_array_from_callback(data.shape, _key_data_sharding(sharding, x.ndim, data.ndim),
+                                           lambda idx: data[idx])
+        return jax.random.wrap_key_data(arr, impl=impl)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def gather(x) -> np.ndarray:
+    """A (possibly sharded, possibly multi-host) array as one host numpy array, in every process."""
+    if jax.process_count() == 1 or not isinstance(x, jax.Array) or x.is_fully_addressable \
+            or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _key_data_sharding(sharding: NamedSharding, key_ndim: int, data_ndim: int) -> NamedSharding:
+    spec = tuple(sharding.spec) + (None,) * (data_ndim - len(tuple(sharding.spec)))
+    return NamedSharding(sharding.mesh, P(*spec[:data_ndim]))
+
+
 def _is_stacked(path) -> bool:
     return any(getattr(k, "key", getattr(k, "name", None)) == "stacks" for k in path)
 
@@ -166,7 +201,7 @@ def shard_frozen(frozen, mesh: Mesh):
 
     def put(path, x):
         spec = param_spec(np.shape(x), mesh, stacked=_is_stacked(path))
-        return jax.device_put(x, NamedSharding(mesh, spec))
+        return put(x, NamedSharding(mesh, spec))
 
     return jax.tree_util.tree_map_with_path(put, frozen)
 
@@ -174,12 +209,12 @@ def shard_frozen(frozen, mesh: Mesh):
 def replicate(tree, mesh: Mesh):
     """Every array of ``tree`` replicated on ``mesh``."""
     s = replicated(mesh)
-    return jax.tree.map(lambda x: jax.device_put(x, s), tree)
+    return jax.tree.map(lambda x: put(x, s), tree)
 
 
 def shard_rows(x, mesh: Mesh, axes: Sequence[str] = BATCH_AXES):
     """``x``'s leading axis over ``axes`` (replicated if no axis divides it)."""
-    return jax.device_put(x, batch_sharding(mesh, np.shape(x)[0], axes))
+    return put(x, batch_sharding(mesh, np.shape(x)[0], axes))
 
 
 def place_pool(pool, mesh: Mesh):

@@ -199,8 +199,15 @@ def _abstract(config: ModelConfig, dtype, param_dtype) -> LlamaModel:
 
 def model_from_tensors(config: ModelConfig, keys: Iterable[str],
                        get: Callable[[str], np.ndarray], *, dtype="float32",
-                       param_dtype=None, source: str = "checkpoint") -> LlamaModel:
+                       param_dtype=None, source: str = "checkpoint", mesh=None,
+                       get_slice: Callable[[str], Any] | None = None) -> LlamaModel:
     """Build a model from named HF tensors (``get(key)`` loads one lazily).
+
+    With ``mesh`` (a ``jax.sharding.Mesh`` or :class:`~duet_jax.sharding.MeshConfig`) every
+    parameter is created directly on its FSDP sharding (:func:`duet_jax.sharding.param_spec`) with
+    ``jax.make_array_from_callback``: each device's shard is read from ``get_slice(key)`` (an object
+    with ``get_shape()`` and numpy-style slicing, e.g. a safetensors memory-mapped slice), so no
+    full host copy of the weights is ever made. Without ``get_slice``, ``get`` is used per shard.
 
     Raises:
       ModelError: every unexpected, missing or mis-shaped tensor, listed together.
@@ -209,6 +216,9 @@ def model_from_tensors(config: ModelConfig, keys: Iterable[str],
     param_dtype = dtype if param_dtype is None else as_dtype(param_dtype)
     model = _abstract(config, dtype, param_dtype)
     slots = _logical_slots(model)  # logical path -> (variable, index in its stack or None)
+    if mesh is not None:
+        return _sharded_from_tensors(model, config, slots, keys, get, get_slice, param_dtype,
+                                     source, mesh)
     buffers: dict[int, np.ndarray] = {}  # id(variable) -> host buffer of the stacked array
     owners: dict[int, Any] = {}
     filled: set[tuple] = set()
@@ -253,6 +263,70 @@ def model_from_tensors(config: ModelConfig, keys: Iterable[str],
     return model
 
 
+def _sharded_from_tensors(model, config, slots, keys, get, get_slice, param_dtype, source, mesh):
+    import jax
+    from jax.sharding import NamedSharding
+
+    from duet_jax.sharding import as_mesh, param_spec
+
+    mesh = as_mesh(mesh)
+    sliced = get_slice or (lambda k: get(k))
+    where: dict[tuple, tuple[str, bool]] = {}  # logical path -> (key, transpose)
+    errors: list[str] = []
+    for key in keys:
+        if _IGNORED.search(key) or (key == "lm_head.weight" and config.tie_word_embeddings):
+            continue
+        hit = param_path(key)
+        if hit is None or hit[0] not in slots:
+            errors.append(f"unexpected tensor {key!r}: the {config.architecture} model has no such "
+                          "parameter")
+            continue
+        path, transpose = hit
+        var, j = slots[path]
+        want = tuple(var.shape) if j is None else tuple(var.shape[1:])
+        src = sliced(key)
+        shape = tuple(src.get_shape() if hasattr(src, "get_shape") else np.shape(src))
+        got = shape[::-1] if (transpose and len(shape) == 2) else shape
+        where[path] = (key, transpose)
+        if got != want:
+            errors.append(f"tensor {key!r} has shape {shape} in the {source}, but the model expects "
+                          f"{want[::-1] if transpose else want}")
+    errors += [f"missing tensor {hf_key(p)!r}" for p in slots if p not in where]
+    if errors:
+        raise ModelError(f"cannot load the {source}: {len(errors)} problem(s)\n  " + "\n  ".join(errors))
+
+    def read(path, index):  # index: slices in the model's layout of one layer / global tensor
+        key, transpose = where[path]
+        src = sliced(key)
+        idx = tuple(index)
+        if transpose:
+            idx = idx[::-1]
+        arr = np.asarray(src[idx] if idx else src[...])
+        return (arr.T if transpose else arr).astype(param_dtype)
+
+    members: dict[int, list] = {}
+    for path, (var, j) in slots.items():
+        members.setdefault(id(var), [var, []])[1].append((j, path))
+    for var, entries in members.values():
+        entries.sort(key=lambda e: -1 if e[0] is None else e[0])
+        stacked = entries[0][0] is not None
+        shape = tuple(var.shape)
+        sharding = NamedSharding(mesh, param_spec(shape, mesh, stacked=stacked))
+        if stacked:
+            paths = [p for _, p in entries]
+
+            def cb(index, paths=paths):
+                rows = range(*index[0].indices(len(paths)))
+                return np.stack([read(paths[r], index[1:]) for r in rows])
+        else:
+            path = entries[0][1]
+
+            def cb(index, path=path):
+                return read(path, index)
+        var.set_value(jax.make_array_from_callback(shape, sharding, cb))
+    return model
+
+
 def _logical_slots(model: LlamaModel, flt=nnx.Param) -> dict[tuple, tuple[Any, int | None]]:
     """Every parameter under its logical path (``("layers", i, "self_attn", "q_proj", "kernel")``
     or a global one) -> (its variable, the layer's index in the variable's stack, or None)."""
@@ -289,6 +363,10 @@ class _Safetensors:
     def get(self, key: str) -> np.ndarray:
         arr = self._where[key].get_tensor(key)
         return arr if arr.dtype == np.float32 else arr.astype(np.float32)
+
+    def get_slice(self, key: str):
+        """A lazy slice of the memory-mapped tensor (``get_shape()``, ``[idx]`` reads only idx)."""
+        return self._where[key].get_slice(key)
 
 
 def _hf_files(d: Path) -> list[Path]:
@@ -332,7 +410,7 @@ def _read_hf_config(d: Path, name: str) -> ModelConfig:
 
 
 def load_model(spec: str | os.PathLike, *, dtype="float32", param_dtype=None,
-               use_cache: bool = True) -> LlamaModel:
+               use_cache: bool = True, mesh=None) -> LlamaModel:
     """Load a model.
 
     Args:
@@ -341,6 +419,9 @@ def load_model(spec: str | os.PathLike, *, dtype="float32", param_dtype=None,
       dtype: compute dtype, ``"float32"`` or ``"bfloat16"``.
       param_dtype: storage dtype of the weights (default: ``dtype``).
       use_cache: for GGUF, keep the dequantised float32 tensors under ``cache_dir()``.
+      mesh: a ``jax.sharding.Mesh`` / :class:`~duet_jax.sharding.MeshConfig`: every weight is read
+        shard by shard from the memory-mapped safetensors (an HF directory with one file or a
+        sharded index, or the GGUF cache) straight onto its FSDP sharding, never a full host copy.
 
     Raises:
       ModelError: unsupported architecture or quantisation, missing / mis-shaped tensors, bad SPEC.
@@ -355,15 +436,17 @@ def load_model(spec: str | os.PathLike, *, dtype="float32", param_dtype=None,
             config = config.replace(name=BUILTIN_HUB_IDS[r.name])
         if isinstance(src, dict):
             return model_from_tensors(config, list(src), src.__getitem__, dtype=dtype,
-                                      param_dtype=param_dtype, source=f"GGUF {r.location}")
+                                      param_dtype=param_dtype, source=f"GGUF {r.location}",
+                                      mesh=mesh)
         st = _Safetensors([src])
         return model_from_tensors(config, st.keys(), st.get, dtype=dtype, param_dtype=param_dtype,
-                                  source=f"GGUF {r.location} (cached as {src})")
+                                  source=f"GGUF {r.location} (cached as {src})", mesh=mesh,
+                                  get_slice=st.get_slice)
     d = Path(r.location)
     config = _read_hf_config(d, r.name)
     st = _Safetensors(_hf_files(d))
     return model_from_tensors(config, st.keys(), st.get, dtype=dtype, param_dtype=param_dtype,
-                              source=f"checkpoint in {d}")
+                              source=f"checkpoint in {d}", mesh=mesh, get_slice=st.get_slice)
 
 
 # ---------------------------------------------------------------------------------------- export

@@ -30,6 +30,7 @@ from duet_jax.sharding import (
     as_mesh,
     batch_sharding,
     constrain_batch,
+    gather,
     place_pool,
     replicate,
     shard_frozen,
@@ -134,7 +135,7 @@ def answer_loss(graphdef, lora, frozen, pool: Pool, *, start: int = 0, batch_siz
     """
     nll, cnt, _ = row_scores(graphdef, lora, frozen, pool, start=start, batch_size=batch_size,
                              mesh=mesh)
-    nll, cnt = np.asarray(nll, np.float64), np.asarray(cnt, np.float64)
+    nll, cnt = gather(nll).astype(np.float64), gather(cnt).astype(np.float64)
     total = cnt.sum(-1)
     if np.any(total == 0):
         raise ConfigError("the evaluation set has no scorable (answer) token")
@@ -215,7 +216,7 @@ def multiple_choice(graphdef, lora, frozen, mc: MCSet, *, start: int = 0, batch_
     """``acc`` and ``acc_norm`` per adapter (float ``[k]`` or scalar) and per example."""
     _, _, ll = row_scores(graphdef, lora, frozen, mc.pool, start=start, batch_size=batch_size,
                           mesh=mesh)
-    ll = np.asarray(ll, np.float64)
+    ll = gather(ll).astype(np.float64)
     stacked = ll.ndim == 2
     ll = ll if stacked else ll[None]
     accs, norms, per = [], [], []

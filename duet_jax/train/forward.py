@@ -18,7 +18,7 @@ from flax import nnx
 
 from duet_jax.errors import ConfigError
 from duet_jax.models.lora import LoRAParam, lora_layers
-from duet_jax.sharding import as_mesh, batch_sharding, replicate, shard_frozen
+from duet_jax.sharding import as_mesh, batch_sharding, gather, put, replicate, shard_frozen
 from duet_jax.train.pool import Pool
 
 __all__ = ["split_model", "trunk_start", "slot_logprobs", "run_layers_remat", "trunk_hidden"]
@@ -115,10 +115,10 @@ def trunk_hidden(graphdef, lora, frozen, pool: Pool, *, start: int, batch_size: 
             full = np.resize(chunk, batch_size)  # pad the last chunk with repeats (same shape)
             ci, ca = ids[full, :L], att[full, :L]
             if mesh is not None:
-                ci, ca = jax.device_put((ci, ca), rows_sharding)
+                ci, ca = put(ci, rows_sharding), put(ca, rows_sharding)
             h = _trunk_chunk(graphdef, lora, frozen, jnp.asarray(ci), jnp.asarray(ca),
                              start=int(start), dtype=jnp.dtype(dtype))
-            h = np.asarray(h)
+            h = gather(h)
             if out is None:
                 out = np.zeros((n, t, h.shape[-1]), h.dtype)
             out[chunk, :L] = h[: chunk.size]
