@@ -199,11 +199,11 @@ def _is_stacked(path) -> bool:
 def shard_frozen(frozen, mesh: Mesh):
     """Place the frozen base weights (an ``nnx.State``) FSDP-sharded on ``mesh``."""
 
-    def put(path, x):
+    def place_one(path, x):
         spec = param_spec(np.shape(x), mesh, stacked=_is_stacked(path))
         return put(x, NamedSharding(mesh, spec))
 
-    return jax.tree_util.tree_map_with_path(put, frozen)
+    return jax.tree_util.tree_map_with_path(place_one, frozen)
 
 
 def replicate(tree, mesh: Mesh):
