@@ -12,6 +12,7 @@
       feedback   duet_jax.feedback.config.FeedbackConfig
       selector   duet_jax.loop.selectors.SelectorConfig
       baselines  duet_jax.loop.proxies.BaselineConfig
+      mesh       duet_jax.sharding.MeshConfig    (used when the process sees more than one device)
 
 Each default lives in its library config, once; a preset (``demo``, ``smoke``, ``paper``) only lists
 the values it changes. Values come, in order, from the preset, a YAML file (``--config``) and flags
@@ -41,6 +42,7 @@ from duet_jax.loop.methods import METHODS
 from duet_jax.loop.proxies import BaselineConfig
 from duet_jax.loop.selectors import SelectorConfig
 from duet_jax.models.lora import LoRAConfig
+from duet_jax.sharding import MeshConfig
 from duet_jax.train.trainer import TrainConfig
 
 __all__ = ["RunConfig", "SECTIONS", "PRESETS", "preset", "load_config", "add_config_flags",
@@ -103,6 +105,8 @@ class RunConfig:
                                                     "(duet_jax.loop.selectors.SelectorConfig)")
     baselines: BaselineConfig = _sec(BaselineConfig, "proxy runs of doremi, regmix, aioli "
                                                      "(duet_jax.loop.proxies.BaselineConfig)")
+    mesh: MeshConfig = _sec(MeshConfig, "device mesh (duet_jax.sharding.MeshConfig): frozen weights "
+                                        "sharded on fsdp, adapters and batches on data")
 
     def __post_init__(self):
         def need(cond, msg):

@@ -36,12 +36,18 @@ RISE_TOLERANCE = 0.25
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "train_config", "steps", "start", "k", "budget",
-                                             "n_domains", "replace", "score"))
+                                             "n_domains", "replace", "score", "batch_spec", "eval_spec",
+                                             "spmd_axis", "index_spec"))
 def local_program(graphdef, lora0, frozen, pool, weights, domain_of, counts, key, eval_inputs, *,
                   train_config, steps: int, start: int, k: int, budget: int, n_domains: int,
-                  replace: bool, score: bool):
+                  replace: bool, score: bool, batch_spec=None, eval_spec=None, spmd_axis=None,
+                  index_spec=None):
     """Sample ``k`` mixtures of ``counts``, fine-tune ``k`` adapters, and (``score``) score them on
     ``eval_inputs = (pool, rows, slots, valid)``, in one program.
+
+    On a mesh (:mod:`duet_jax.sharding`), ``spmd_axis="data"`` spreads the ``k`` fine-tunes over the
+    data axis (``index_spec`` shards the mixtures so), ``batch_spec`` / ``eval_spec`` split each
+    training / scoring batch; all ``None`` on one device.
 
     Returns:
       ``(indices [k, M], filled [k, M], TrainResult with [k] leaves, (nll, cnt, score) [k, N] or
@@ -52,14 +58,19 @@ def local_program(graphdef, lora0, frozen, pool, weights, domain_of, counts, key
     k_mix, k_train = jax.random.split(key)
     idx, ok = sample_mixtures(k_mix, weights, domain_of, counts, k=k, budget=budget, n_domains=n_domains,
                               replace=replace)
-    fn = functools.partial(_finetune_one, config=train_config, steps=steps, start=start)
-    res = jax.vmap(fn, in_axes=(None, None, None, None, 0, 0))(graphdef, lora0, frozen, pool, idx,
-                                                                jax.random.split(k_train, k))
+    keys = jax.random.split(k_train, k)
+    if index_spec is not None:
+        idx = jax.lax.with_sharding_constraint(idx, index_spec)
+    fn = functools.partial(_finetune_one, config=train_config, steps=steps, start=start,
+                           batch_spec=batch_spec)
+    res = jax.vmap(fn, in_axes=(None, None, None, None, 0, 0), spmd_axis_name=spmd_axis)(
+        graphdef, lora0, frozen, pool, idx, keys)
     scores = None
     if score:
         epool, rows, slots, valid = eval_inputs
         scores = jax.lax.map(lambda lo: _scores_jit(graphdef, lo, frozen, epool, rows, slots, valid,
-                                                    start=start, batch_size=16), res.lora)
+                                                    start=start, batch_size=16, batch_spec=eval_spec),
+                             res.lora)
     return idx, ok, res, scores
 
 
@@ -123,6 +134,21 @@ class LocalStep:
         from duet_jax.mixture import share_caps
 
         self.caps = share_caps(cfg.budget, setting.available, cfg.replace)
+        self.specs = {}
+        mesh = setting.mesh
+        if mesh is not None:  # as finetune_many: k adapters over data when it divides k
+            from jax.sharding import NamedSharding
+            from jax.sharding import PartitionSpec as P
+
+            from duet_jax.sharding import batch_sharding
+
+            d = mesh.shape["data"]
+            if d > 1 and cfg.k % d == 0:
+                self.specs = dict(spmd_axis="data", index_spec=NamedSharding(mesh, P("data")),
+                                  batch_spec=batch_sharding(mesh, cfg.train.batch_size, ("fsdp",)))
+            else:
+                self.specs = dict(batch_spec=batch_sharding(mesh, cfg.train.batch_size))
+            self.specs["eval_spec"] = batch_sharding(mesh, 16)
 
     def counts(self, ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The ratio actually trained (capped by the domains' sizes without replacement) and its
@@ -138,7 +164,7 @@ class LocalStep:
         return local_program(s.graphdef, s.lora0, s.frozen, s.pool, self.weights, self.domain_of,
                              jnp.asarray(counts, jnp.int32), key, inputs, train_config=cfg.train,
                              steps=self.steps, start=int(s.start), k=cfg.k, budget=cfg.budget,
-                             n_domains=s.n_domains, replace=cfg.replace, score=score)
+                             n_domains=s.n_domains, replace=cfg.replace, score=score, **self.specs)
 
     def __call__(self, ratio, index: int, rnd: int, phase: str) -> Evaluation:
         s, cfg = self.setting, self.config

@@ -148,6 +148,7 @@ class Setting:
     vocab_size: int
     log: Callable[[str], None] = print
     progress: Callable | None = None
+    mesh: Any = None
     _cache: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -182,19 +183,36 @@ class Setting:
         start = trunk_start(model)
         log(f"pool: {len(pool)} examples x {pool.length} tokens; LoRA from layer {start} of "
             f"{model.num_layers} ({'frozen trunk cached' if start else 'full model'})")
+        mesh = None
+        if jax.device_count() > 1:  # the frozen weights FSDP-sharded, adapters and batches on data
+            from duet_jax.sharding import make_mesh
+
+            d, f = config.mesh.data, config.mesh.fsdp
+            mesh = make_mesh(config.mesh, jax.devices()[: d * f] if d and f else None)
+            log(f"mesh: {dict(mesh.shape)} over {jax.device_count()} devices")
         s = cls(config, plan, Path(run_dir), names, pool, np.asarray(domain_of), pool_examples, graphdef,
-                lora0, frozen, start, tok, enc, int(model.config.vocab_size), log, progress)
+                lora0, frozen, start, tok, enc, int(model.config.vocab_size), log, progress, mesh)
+        t = time.time()
+        s.pool = s.with_trunk(pool)
         if start:
-            t = time.time()
-            s.pool = s.with_trunk(pool)
             log(f"  frozen trunk of the pool computed in {time.time() - t:.1f} s")
+        if mesh is not None:
+            from duet_jax.sharding import replicate, shard_frozen
+
+            s.frozen, s.lora0 = shard_frozen(frozen, mesh), replicate(lora0, mesh)
         return s
 
     def with_trunk(self, pool):
-        """``pool`` with the frozen trunk's hidden states (unchanged when there is no trunk)."""
-        if not self.start:
-            return pool
-        return pool.with_hidden(trunk_hidden(self.graphdef, self.lora0, self.frozen, pool, start=self.start))
+        """``pool`` with the frozen trunk's hidden states (unchanged when there is no trunk), placed
+        on the mesh when there is one."""
+        if self.start:
+            pool = pool.with_hidden(trunk_hidden(self.graphdef, self.lora0, self.frozen, pool,
+                                                 start=self.start, mesh=self.mesh))
+        if self.mesh is not None:
+            from duet_jax.sharding import place_pool
+
+            pool = place_pool(pool, self.mesh)
+        return pool
 
     def encode_pool(self, examples: list[Example], *, answer_slots: int | None = None):
         """Examples as a pool (with the trunk cache) and the ids kept."""
