@@ -13,11 +13,11 @@ from typing import Any
 
 from duet_jax.errors import BOError, ConfigError
 
-__all__ = ["BOConfig", "KERNELS", "PRIORS", "ACQUISITIONS", "BETA_SCHEDULES"]
+__all__ = ["BOConfig", "BO_PROFILES", "KERNELS", "PRIORS", "ACQUISITIONS", "BETA_SCHEDULES"]
 
 KERNELS = ("matern52", "rbf")
 PRIORS = ("gamma", "lognormal")
-ACQUISITIONS = ("ucb", "ei", "logei", "thompson")
+ACQUISITIONS = ("ucb", "ei", "logei", "thompson", "portfolio")
 BETA_SCHEDULES = ("constant", "igp_ucb")
 INIT_DESIGNS = ("maximin", "dirichlet")
 ON_NONFINITE = ("raise", "record")
@@ -40,10 +40,15 @@ class BOConfig:
       fit_restarts: starts of the marginal-likelihood fit, run together under vmap: the previous
         round's hyperparameters (or the prior's mode) and ``fit_restarts - 1`` prior draws.
       fit_steps, fit_lr: Adam steps and learning rate (cosine-decayed) of the fit, in log space.
+      lengthscale_gamma: (concentration, rate) of the ``gamma`` prior's length scale
+        (BoTorch's former default and the released code: (3, 6), mode 1/3). A smaller mode lets
+        the fit find narrow optima.
 
     Acquisition (``duet_jax.bo.acquisition``); the optimiser always maximises internally.
-      acquisition: ``"ucb"`` (mu + sqrt(beta) sigma), ``"ei"``, ``"logei"`` or ``"thompson"``
-        (alias ``"ts"``: Thompson sampling, a joint posterior draw on ``ts_candidates`` points).
+      acquisition: ``"ucb"`` (mu + sqrt(beta) sigma), ``"ei"``, ``"logei"``, ``"thompson"``
+        (alias ``"ts"``: Thompson sampling, a joint posterior draw on ``ts_candidates`` points) or
+        ``"portfolio"``: LogEI and UCB (``beta``) in turn, by the number of observations (even:
+        LogEI, odd: UCB), so a replay of the same tells makes the same choices.
       beta: UCB's beta for ``beta_schedule="constant"`` (DUET's released code: 1.0).
       beta_schedule: ``"constant"`` or ``"igp_ucb"`` (Chowdhury & Gopalan 2017, the paper's
         theory): sqrt(beta_t) = B + R sqrt(2 (gamma_t + 1 + ln(1/delta))), gamma_t the information
@@ -57,6 +62,15 @@ class BOConfig:
       n_raw: Dirichlet(1) draws among the raw candidates (with the vertices, the edge midpoints
         and the centroid); n_starts: best raw candidates refined by projected gradient ascent;
         ascent_steps, ascent_lr: steps of that ascent and their initial length (cosine-decayed).
+      raw_sparse: fraction of the Dirichlet(1) raw candidates drawn instead on a random face of
+        the simplex (each domain kept with probability 1/2, the largest always), so mixtures with
+        zero shares are among the starts.
+      raw_local: raw candidates drawn around the best observed ratios (the 4 best, Gaussian steps
+        of sd ``local_sd`` projected back), BoTorch's ``sample_around_best``.
+      dedup_tol, dedup_sd: near-duplicate check. A proposal within ``dedup_tol`` in every share of
+        an observed (or pending) ratio is refused unless the model says repeating it is worth it:
+        its posterior sd there is at least ``dedup_sd`` times the signal sd (noisy feedback);
+        the best refused-free point of the search is taken instead. ``dedup_tol=0``: off.
       ts_candidates: points on which a Thompson sample is drawn jointly.
       min_share: shares below it are set to zero (the largest share and domains with a positive
         lower bound are kept). renormalize_min_share: then rescale the rest to sum to one
@@ -73,15 +87,23 @@ class BOConfig:
         evaluation that is kept in the history and the state but left out of the fit.
       min_capacity: smallest padded data size; capacities are powers of two, so a run of N
         evaluations compiles about log2(N / min_capacity) + 1 times.
+
+    Profiles (``BO_PROFILES``, ``BOConfig.from_profile(name, **overrides)``): ``"default"``, the
+    robust defaults (the class's field defaults), and ``"paper"``, the paper's protocol
+    (Matern-5/2, UCB with beta 1, the released code's Gamma priors and warm start). ``profile``
+    records which one a config was built from.
     """
+
+    profile: str = "default"
 
     kernel: str = "matern52"
     prior: str = "gamma"
     noise_floor: float = 1e-4
     lengthscale_floor: float = 0.025
-    fit_restarts: int = 8
-    fit_steps: int = 200
+    fit_restarts: int = 4
+    fit_steps: int = 100
     fit_lr: float = 0.1
+    lengthscale_gamma: tuple[float, float] = (3.0, 6.0)
 
     acquisition: str = "ucb"
     beta: float = 1.0
@@ -94,6 +116,11 @@ class BOConfig:
     n_starts: int = 8
     ascent_steps: int = 60
     ascent_lr: float = 0.02
+    raw_sparse: float = 0.0
+    raw_local: int = 0
+    local_sd: float = 0.05
+    dedup_tol: float = 0.0
+    dedup_sd: float = 0.1
     ts_candidates: int = 512
     min_share: float = 0.0
     renormalize_min_share: bool = True
@@ -120,6 +147,23 @@ class BOConfig:
         choice("beta_schedule", BETA_SCHEDULES)
         choice("init_design", INIT_DESIGNS)
         choice("on_nonfinite", ON_NONFINITE)
+        if self.profile not in BO_PROFILES:
+            raise ConfigError(f"BOConfig.profile: expected one of {tuple(BO_PROFILES)}, got "
+                              f"{self.profile!r}")
+        lg = tuple(float(v) for v in self.lengthscale_gamma)
+        if len(lg) != 2 or not all(math.isfinite(v) and v > 0 for v in lg):
+            raise ConfigError(f"BOConfig.lengthscale_gamma: expected (concentration, rate) > 0, "
+                              f"got {self.lengthscale_gamma!r}")
+        object.__setattr__(self, "lengthscale_gamma", lg)
+        for name in ("raw_sparse", "dedup_tol", "dedup_sd"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and math.isfinite(v) and 0 <= v <= 1):
+                raise ConfigError(f"BOConfig.{name}: expected a number in [0, 1], got {v!r}")
+        if not (isinstance(self.local_sd, int | float) and self.local_sd > 0):
+            raise ConfigError(f"BOConfig.local_sd: expected a number > 0, got {self.local_sd!r}")
+        if not (isinstance(self.raw_local, int) and self.raw_local >= 0):
+            raise ConfigError(f"BOConfig.raw_local: expected an integer >= 0, got "
+                              f"{self.raw_local!r}")
         for name in ("noise_floor", "lengthscale_floor", "fit_lr", "ascent_lr", "igp_b",
                      "igp_delta"):
             v = getattr(self, name)
@@ -177,7 +221,20 @@ class BOConfig:
         """This config with the fields that only the host-side loop reads set to their defaults:
         the static argument of the jitted round, so changing them does not recompile it."""
         return dataclasses.replace(self, n_init=None, init_design="maximin", on_nonfinite="raise",
-                                   min_capacity=16)
+                                   min_capacity=16, profile="default")
+
+    @classmethod
+    def from_profile(cls, name: str = "default", **overrides) -> BOConfig:
+        """The config of profile ``name`` (``BO_PROFILES``) with ``overrides`` on top:
+        ``BOConfig.from_profile("paper", beta=2.0)``. An unknown name raises ConfigError."""
+        if name not in BO_PROFILES:
+            raise ConfigError(f"BOConfig.from_profile: unknown profile {name!r}; expected one of "
+                              f"{tuple(BO_PROFILES)}")
+        if "profile" in overrides and overrides["profile"] != name:
+            raise ConfigError(f"BOConfig.from_profile: profile={overrides['profile']!r} "
+                              f"conflicts with {name!r}")
+        overrides.pop("profile", None)
+        return cls(**{**BO_PROFILES[name], **overrides, "profile": name})
 
     def has_bounds(self) -> bool:
         return self.lower is not None or self.upper is not None or bool(self.fixed)
@@ -190,6 +247,7 @@ class BOConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["fixed"] = [list(p) for p in self.fixed]
+        d["lengthscale_gamma"] = list(self.lengthscale_gamma)
         return d
 
     @classmethod
@@ -202,3 +260,24 @@ class BOConfig:
 
     def replace(self, **changes) -> BOConfig:
         return dataclasses.replace(self, **changes)
+
+
+# Field values of each named profile (fields not named keep the class defaults). "default" is
+# empty: the class's field defaults are the robust defaults, chosen on the benchmark suite
+# (docs/bo.md). "paper": the paper's protocol, as DUET's released code runs it.
+BO_PROFILES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "paper": {
+        "kernel": "matern52",
+        "prior": "gamma",
+        "lengthscale_gamma": (3.0, 6.0),
+        "acquisition": "ucb",
+        "beta": 1.0,
+        "beta_schedule": "constant",
+        "init_design": "dirichlet",
+        "n_init": None,
+        "raw_sparse": 0.0,
+        "raw_local": 0,
+        "dedup_tol": 0.0,
+    },
+}

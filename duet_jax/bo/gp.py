@@ -183,7 +183,8 @@ def log_prior(p: GPParams, cfg: BOConfig) -> jax.Array:
     c = constrain(p, cfg)
     d = p.raw_lengthscale.shape[-1]
     if cfg.prior == "gamma":
-        return (jnp.sum(_gamma_logpdf(c.lengthscale, 3.0, 6.0))
+        a, b = cfg.lengthscale_gamma
+        return (jnp.sum(_gamma_logpdf(c.lengthscale, a, b))
                 + _gamma_logpdf(c.outputscale, 2.0, 0.15)
                 + _gamma_logpdf(c.noise, 1.1, 0.05))
     return (jnp.sum(_lognormal_logpdf(c.lengthscale, _lognormal_ls_loc(d), math.sqrt(3.0)))
@@ -193,7 +194,8 @@ def log_prior(p: GPParams, cfg: BOConfig) -> jax.Array:
 def prior_mode(d: int, cfg: BOConfig, dtype=jnp.float64) -> GPParams:
     """The priors' modes (BoTorch's initial values): the fit's first start with no history."""
     if cfg.prior == "gamma":
-        ls, os_, noise = 2.0 / 6.0, 1.0 / 0.15, 0.1 / 0.05
+        a, b = cfg.lengthscale_gamma
+        ls, os_, noise = max(a - 1.0, 0.5) / b, 1.0 / 0.15, 0.1 / 0.05
     else:
         ls, os_, noise = math.exp(_lognormal_ls_loc(d) - 3.0), 1.0, math.exp(-4.0 - 1.0)
     ls = max(ls, 2.0 * cfg.lengthscale_floor)
@@ -217,7 +219,7 @@ def sample_prior(key: jax.Array, n: int, d: int, cfg: BOConfig, dtype=jnp.float6
     k1, k2, k3 = jax.random.split(key, 3)
     if cfg.prior == "gamma":
         (ls_m, ls_s), (os_m, os_s), (nz_m, nz_s) = (
-            _lognormal_matching_gamma(3.0, 6.0), _lognormal_matching_gamma(2.0, 0.15),
+            _lognormal_matching_gamma(*cfg.lengthscale_gamma), _lognormal_matching_gamma(2.0, 0.15),
             _lognormal_matching_gamma(1.1, 0.05))
     else:
         (ls_m, ls_s), (os_m, os_s), (nz_m, nz_s) = (

@@ -39,8 +39,17 @@ def _objective(objective, params):
     return (lambda x: objective(x)) if params is None else (lambda x: objective(params, x))
 
 
-def _run_one(key, params, objective, d, n_evals, n_init, maximize, cfg: BOConfig):
-    f = _objective(objective, params)
+def _run_one(key, params, objective, d, n_evals, n_init, maximize, cfg: BOConfig,
+             noise_sd: float = 0.0):
+    f_true = _objective(objective, params)
+    k_noise, key = jax.random.split(key) if noise_sd > 0 else (None, key)
+
+    def f(xs, k=None):
+        v = f_true(xs)
+        if noise_sd > 0:
+            v = v + noise_sd * jax.random.normal(k, jnp.shape(v), v.dtype)
+        return v
+
     dt = jnp.float64
     cap = capacity(n_evals, cfg.min_capacity)
     lo, hi = (jnp.asarray(b, dt) for b in cfg.bounds(d))
@@ -49,7 +58,9 @@ def _run_one(key, params, objective, d, n_evals, n_init, maximize, cfg: BOConfig
     x0 = initial_design(k_init, n_init, d, lo, hi, cfg.has_bounds(), cfg.init_design)
     x0 = _postprocess(x0, cfg, lo, hi)
     x = jnp.zeros((cap, d), dt).at[:n_init].set(x0)
-    y = jnp.zeros((cap,), dt).at[:n_init].set(sign * f(x0))
+    noise_keys = (jax.random.split(k_noise, n_evals) if noise_sd > 0
+                  else jnp.zeros((n_evals, 2), jnp.uint32))
+    y = jnp.zeros((cap,), dt).at[:n_init].set(sign * f(x0, noise_keys[0]))
     mask = jnp.arange(cap) < n_init
     no_pending = jnp.zeros((cap,), bool)
     round_cfg = cfg.for_round()
@@ -59,7 +70,7 @@ def _run_one(key, params, objective, d, n_evals, n_init, maximize, cfg: BOConfig
         xn, params, _ = propose_core(x, y, mask, no_pending, params, k, round_cfg, 1)
         i = jnp.sum(mask)
         x = x.at[i].set(xn[0])
-        y = y.at[i].set(sign * f(xn[0]))
+        y = y.at[i].set(sign * f(xn[0], noise_keys[i]))
         return (x, y, mask.at[i].set(True), params), None
 
     carry = (x, y, mask, gp.prior_mode(d, cfg, dt))
@@ -67,11 +78,11 @@ def _run_one(key, params, objective, d, n_evals, n_init, maximize, cfg: BOConfig
     return x[:n_evals], sign * y[:n_evals]
 
 
-@jit(static_argnames=("objective", "d", "n_evals", "n_init", "maximize", "cfg"))
-def _run_jit(keys, params, objective, d, n_evals, n_init, maximize, cfg):
+@jit(static_argnames=("objective", "d", "n_evals", "n_init", "maximize", "cfg", "noise_sd"))
+def _run_jit(keys, params, objective, d, n_evals, n_init, maximize, cfg, noise_sd=0.0):
     _TRACES["run"] += 1
     return jax.vmap(lambda k: _run_one(k, params, objective, d, n_evals, n_init, maximize,
-                                       cfg))(keys)
+                                       cfg, noise_sd))(keys)
 
 
 def _split_objective(objective, params):
@@ -81,7 +92,7 @@ def _split_objective(objective, params):
 
 
 def run(objective: Callable, dim: int, n_evals: int, seeds, *, params=None, maximize: bool = True,
-        n_init: int | None = None, config: BOConfig | None = None):
+        n_init: int | None = None, config: BOConfig | None = None, noise_sd: float = 0.0):
     """BO on a jnp objective for several seeds at once, the whole loop in one compiled program.
 
     Args:
@@ -93,6 +104,9 @@ def run(objective: Callable, dim: int, n_evals: int, seeds, *, params=None, maxi
       seeds: integer seeds; seed s uses ``jax.random.PRNGKey(s)``.
       maximize: False to minimise.
       n_init: warm-start size (default ``config.resolved_n_init(dim)``).
+      noise_sd: standard deviation of Gaussian noise added to every observation (the optimiser
+        sees the noisy values; ``y`` returned is what it saw: evaluate ``objective`` on ``x`` for
+        the noise-free values).
 
     Returns:
       ``(x [seeds, n_evals, dim], y [seeds, n_evals])`` as float64 numpy arrays.
@@ -107,7 +121,8 @@ def run(objective: Callable, dim: int, n_evals: int, seeds, *, params=None, maxi
     objective, params = _split_objective(objective, params)
     with x64():
         keys = jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds])
-        x, y = _run_jit(keys, params, objective, dim, n_evals, n_init, maximize, cfg)
+        x, y = _run_jit(keys, params, objective, dim, n_evals, n_init, maximize, cfg,
+                        float(noise_sd))
         return np.asarray(x), np.asarray(y)
 
 

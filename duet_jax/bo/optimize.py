@@ -49,15 +49,28 @@ def _bounds(cfg: BOConfig, d: int, dtype):
     return jnp.asarray(lo, dtype), jnp.asarray(hi, dtype)
 
 
-def maximize_acquisition(score, key, d: int, cfg: BOConfig, lower, upper):
-    """Maximise ``score: [m, d] -> [m]`` over the feasible set. Returns ``(x [d], value [])``."""
+def maximize_acquisition(score, key, d: int, cfg: BOConfig, lower, upper, *, allowed=None,
+                         centers=None):
+    """Maximise ``score: [m, d] -> [m]`` over the feasible set. Returns ``(x [d], value [])``.
+
+    ``allowed: [m, d] -> [m] bool`` (optional): points that may be returned (the near-duplicate
+    check); the ascent follows ``score`` everywhere, but only allowed points are kept as the best.
+    ``centers: [c, d]``: where the ``cfg.raw_local`` local raw candidates are drawn.
+    """
     bounded = cfg.has_bounds()
-    cands = raw_candidates(key, d, cfg.n_raw, lower, upper, bounded, lower.dtype)
+    cands = raw_candidates(key, d, cfg.n_raw, lower, upper, bounded, lower.dtype,
+                           sparse=cfg.raw_sparse, centers=centers,
+                           n_local=cfg.raw_local if centers is not None else 0,
+                           local_sd=cfg.local_sd)
+    ok = (lambda xs: jnp.ones(xs.shape[0], bool)) if allowed is None else allowed
     vals = score(cands)
     vals = jnp.where(jnp.isnan(vals), -jnp.inf, vals)
+    # refused raw candidates rank below every allowed one but keep their order among themselves
+    vals_sel = jnp.where(ok(cands), vals, -1e300)
     n_starts = min(cfg.n_starts, cands.shape[0])
-    top_v, top_i = jax.lax.top_k(vals, n_starts)
+    top_sel, top_i = jax.lax.top_k(vals_sel, n_starts)
     x0 = cands[top_i]
+    top_v = jnp.where(top_sel > -1e300, vals[top_i], -jnp.inf)
 
     # Projected ascent with steps of a set length along the feasible direction d = P(x + lr g) - x,
     # so progress along a face of the simplex does not stall when most of the gradient points out
@@ -70,7 +83,7 @@ def maximize_acquisition(score, key, d: int, cfg: BOConfig, lower, upper):
     def step(carry, t):
         x, bx, bv = carry
         v, g = value_and_grad(x)
-        better = v > bv
+        better = (v > bv) & ok(x)
         bx = jnp.where(better[:, None], x, bx)
         bv = jnp.where(better, v, bv)
         g = unit(jnp.where(jnp.isfinite(g), g, 0.0))
@@ -79,11 +92,14 @@ def maximize_acquisition(score, key, d: int, cfg: BOConfig, lower, upper):
 
     (x, bx, bv), _ = jax.lax.scan(step, (x0, x0, top_v), jnp.arange(cfg.ascent_steps))
     v = score(x)
-    better = v > bv
+    better = (v > bv) & ok(x)
     bx = jnp.where(better[:, None], x, bx)
     bv = jnp.where(better, v, bv)
     i = jnp.argmax(bv)
-    return bx[i], bv[i]
+    # nothing allowed anywhere (every candidate refused): the best raw candidate after all
+    j = jnp.argmax(vals)
+    none = bv[i] == -jnp.inf
+    return jnp.where(none, cands[j], bx[i]), jnp.where(none, vals[j], bv[i])
 
 
 def _thompson(post, key, d, cfg: BOConfig, lower, upper):
@@ -139,6 +155,14 @@ def propose_core(x, y, mask, pending, params0, key, cfg: BOConfig, q: int):
     ys = jnp.where(pending, believe(x), ys)
     used = mask | pending
 
+    # local raw candidates: around the best observed ratios
+    n_c = 4
+    _, top_obs = jax.lax.top_k(jnp.where(mask, ys, -jnp.inf), min(n_c, x.shape[0]))
+    best_row = top_obs[0]
+    centers = x[jnp.where(mask[top_obs], top_obs, best_row)]
+    signal_sd = jnp.sqrt(c.outputscale)
+    use_ei = jnp.sum(mask | pending) % 2 == 0  # portfolio: LogEI on even rounds, UCB on odd
+
     def choose(carry, k):
         xb, yb, ub = carry
         post = gp.posterior(xb, yb, ub, params, cfg)
@@ -151,9 +175,21 @@ def propose_core(x, y, mask, pending, params0, key, cfg: BOConfig, q: int):
                     return acq.ucb(mean, var, beta)
                 if cfg.acquisition == "ei":
                     return acq.ei(mean, var, best)
+                if cfg.acquisition == "portfolio":
+                    return jnp.where(use_ei, acq.log_ei(mean, var, best), acq.ucb(mean, var, beta))
                 return acq.log_ei(mean, var, best)
 
-            xj, vj = maximize_acquisition(score, k, d, cfg, lower, upper)
+            allowed = None
+            if cfg.dedup_tol > 0:
+                def allowed(xs):
+                    dist = jnp.max(jnp.abs(xs[:, None, :] - xb[None, :, :]), axis=-1)
+                    near = jnp.any((dist < cfg.dedup_tol) & ub[None, :], axis=-1)
+                    _, var = gp.predict(post, xs, cfg)
+                    worth = jnp.sqrt(var) >= cfg.dedup_sd * signal_sd
+                    return ~near | worth
+
+            xj, vj = maximize_acquisition(score, k, d, cfg, lower, upper, allowed=allowed,
+                                          centers=centers if cfg.raw_local else None)
         xj = apply_min_share(xj, cfg.min_share, cfg.renormalize_min_share, lower, upper, bounded)
         slot = jnp.sum(ub)
         carry = (xb.at[slot].set(xj), yb.at[slot].set(believe(xj[None])[0]), ub.at[slot].set(True))

@@ -20,6 +20,7 @@ __all__ = [
     "project",
     "project_box_simplex",
     "structured_points",
+    "face_draws",
     "raw_candidates",
     "initial_design",
     "apply_min_share",
@@ -75,10 +76,36 @@ def structured_points(d: int, dtype=jnp.float64) -> jax.Array:
     return jnp.asarray(pts, dtype)
 
 
-def raw_candidates(key, d: int, n_raw: int, lower, upper, bounded: bool, dtype=jnp.float64):
-    """``n_raw`` Dirichlet(1) draws plus the structured points, projected onto the feasible set."""
-    draws = uniform_simplex(key, n_raw, d, dtype)
-    return project(jnp.concatenate([draws, structured_points(d, dtype)]), lower, upper, bounded)
+def face_draws(key, n: int, d: int, dtype=jnp.float64) -> jax.Array:
+    """``n`` uniform draws on random faces of the simplex: each domain is kept with probability
+    1/2 (the largest of its exponential draw always), the rest zero: ``[n, d]``."""
+    k1, k2 = jax.random.split(key)
+    e = jax.random.exponential(k1, (n, d), dtype)
+    keep = jax.random.bernoulli(k2, 0.5, (n, d)) | (e == jnp.max(e, axis=-1, keepdims=True))
+    e = jnp.where(keep, e, 0.0)
+    return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
+def raw_candidates(key, d: int, n_raw: int, lower, upper, bounded: bool, dtype=jnp.float64,
+                   sparse: float = 0.0, centers: jax.Array | None = None, n_local: int = 0,
+                   local_sd: float = 0.05):
+    """Raw candidates of the acquisition search, projected onto the feasible set.
+
+    ``n_raw`` draws: Dirichlet(1), a fraction ``sparse`` of them on random faces instead
+    (``face_draws``); plus the structured points (vertices, edge midpoints, centroid); plus
+    ``n_local`` Gaussian steps (sd ``local_sd``) around the rows of ``centers: [c, d]``.
+    """
+    n_face = int(round(sparse * n_raw))
+    extra = n_face or (n_local and centers is not None)
+    k1, k2, k3 = jax.random.split(key, 3) if extra else (key, None, None)
+    parts = [uniform_simplex(k1, n_raw - n_face, d, dtype)]
+    if n_face:
+        parts.append(face_draws(k2, n_face, d, dtype))
+    parts.append(structured_points(d, dtype))
+    if n_local and centers is not None:
+        c = centers[jnp.arange(n_local) % centers.shape[0]]
+        parts.append(c + local_sd * jax.random.normal(k3, c.shape, dtype))
+    return project(jnp.concatenate(parts), lower, upper, bounded)
 
 
 def initial_design(key, n: int, d: int, lower, upper, bounded: bool, kind: str = "maximin",

@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 
 from duet_jax.bo import BOConfig
 
-FAST = BOConfig(fit_restarts=4, fit_steps=60, n_raw=128, n_starts=4, ascent_steps=20,
-                ts_candidates=128)
+FAST_FIELDS = dict(fit_restarts=4, fit_steps=60, n_raw=128, n_starts=4, ascent_steps=20,
+                   ts_candidates=128)
+FAST = BOConfig(**FAST_FIELDS)
 
 
 def on_simplex(x, tol=1e-9):
