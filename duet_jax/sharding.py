@@ -50,6 +50,8 @@ __all__ = [
     "put",
     "gather",
     "place_pool",
+    "process_rows",
+    "from_process_local",
     "constrain_batch",
     "initialize_distributed",
 ]
@@ -225,6 +227,26 @@ def place_pool(pool, mesh: Mesh):
     if pool.hidden is None:
         return rest
     return dataclasses.replace(rest, hidden=shard_rows(pool.hidden, mesh))
+
+
+def process_rows(n: int, mesh: Mesh, axes: Sequence[str] = BATCH_AXES) -> tuple[int, int]:
+    """``[start, stop)``: the rows of a row-sharded ``[n, ...]`` array (:func:`batch_sharding`) that
+    this process's devices hold; a process loads only those (multi-host data loading). Assumes the
+    process's devices hold one contiguous block of rows (true for ``make_mesh``'s device order);
+    the whole range ``(0, n)`` when the rows are replicated or there is one process."""
+    sharding = batch_sharding(mesh, n, axes)
+    idx = sharding.addressable_devices_indices_map((n,))
+    starts = [(i[0].start or 0) for i in idx.values()]
+    stops = [(n if i[0].stop is None else i[0].stop) for i in idx.values()]
+    return min(starts), max(stops)
+
+
+def from_process_local(local, n: int, mesh: Mesh, axes: Sequence[str] = BATCH_AXES):
+    """The global row-sharded ``[n, ...]`` array from this process's rows ``process_rows(n, mesh)``
+    (``jax.make_array_from_process_local_data``); one process: ``local`` is all rows."""
+    local = np.asarray(local)
+    sharding = batch_sharding(mesh, n, axes)
+    return jax.make_array_from_process_local_data(sharding, local, (n, *local.shape[1:]))
 
 
 def constrain_batch(tree, sharding: NamedSharding | None):

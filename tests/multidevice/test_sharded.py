@@ -104,3 +104,16 @@ def test_no_host_transfer_inside_the_fine_tune(setup, reference):
         res = trainer_module._finetune_jit(s["g"], lora, frozen, pool, idx, key, **kw)
         jax.block_until_ready(res)
     _close(res.lora, ref["res"].lora)
+
+
+def test_process_local_rows_build_the_global_array():
+    """One process holds every row; the global array built from them equals shard_rows'."""
+    from duet_jax.sharding import from_process_local, process_rows, shard_rows
+
+    mesh = make_mesh(MeshConfig(data=2, fsdp=4))
+    x = np.arange(16 * 3, dtype=np.float32).reshape(16, 3)
+    lo, hi = process_rows(16, mesh)
+    assert (lo, hi) == (0, 16)
+    g = from_process_local(x[lo:hi], 16, mesh)
+    assert g.sharding == shard_rows(x, mesh).sharding and len(g.addressable_shards) == 8
+    np.testing.assert_array_equal(np.asarray(g), x)
