@@ -77,6 +77,8 @@ def separation_section(results: Path) -> list[str]:
             for m, s in sp.items():
                 sep = s["separation"]
                 verdict = "" if sep is None else (" **separates**" if sep >= 2 else " does not separate")
+                if s.get("resample_constant"):
+                    verdict = "re-samples identical (std 0)"
                 out.append(f"| {m} | {_f(base['metrics'].get(m)) if base else '–'} | {_f(s['ratios_mean'])} "
                            f"[{_f(s['ratios_min'])}, {_f(s['ratios_max'])}] | {_f(s['ratios_std'])} ({s['ratios_n']}) "
                            f"| {_f(s['resample_mean'])} | {_f(s['resample_std'])} ({s['resample_n']}) | "
@@ -95,10 +97,11 @@ def separation_section(results: Path) -> list[str]:
             out.append("")
     if not any_data:
         out += ["Not yet measured.", ""]
-    missing = [f"{st}/{var}" for st in SETTINGS for var in VARIANTS
-               if not load(results / "separation" / st / f"{var}.jsonl")]
+    missing = [st for st in SETTINGS if not any(load(results / "separation" / st / f"{var}.jsonl")
+                                                for var in VARIANTS)]
     if missing:
-        out += ["Not yet measured: " + ", ".join(missing) + ".", ""]
+        out += ["Not yet measured (no variant): " + ", ".join(missing) + ".", ""]
+    out += ["Variants defined in `experiments/settings.py` (VARIANTS) and not listed above were not run.", ""]
     return out
 
 

@@ -88,7 +88,8 @@ def spreads(records: list[dict]) -> dict:
                   "ratios_min": float(np.min(a)) if a else None, "ratios_max": float(np.max(a)) if a else None,
                   "resample_n": len(b), "resample_std": sb,
                   "resample_mean": float(np.mean(b)) if b else None,
-                  "separation": (sa / sb) if (sa is not None and sb) else None}
+                  "separation": (sa / sb) if (sa is not None and sb is not None and sb > 1e-9) else None,
+                  "resample_constant": sb is not None and sb <= 1e-9}
     return out
 
 
