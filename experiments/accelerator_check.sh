@@ -50,7 +50,7 @@ if ! "$PY" -c "import duet_kernels" 2>/dev/null; then
   export PYTHONPATH="$PYTHONPATH:$PWD/$OUT/pkgs"
 fi
 
-run_part versions 60 "$PY" - <<'EOF'
+run_part versions 30 "$PY" - <<'EOF'
 import json, os, platform, jax, flax, optax
 info = dict(part="versions", python=platform.python_version(), jax=jax.__version__,
             flax=flax.__version__, optax=optax.__version__, backend=jax.default_backend(),
@@ -62,7 +62,7 @@ EOF
 run_part multidevice 200 env JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 \
   "$PY" -m pytest -q -p no:cacheprovider -m multidevice tests/multidevice
 
-run_part pallas 60 "$PY" - <<'EOF'
+run_part pallas 40 "$PY" - <<'EOF'
 import json, os, time
 import jax, jax.numpy as jnp, numpy as np
 from duet_kernels.projection import project_pallas, project_reference
@@ -80,7 +80,7 @@ print(json.dumps(res)); open(os.environ["RESULTS"], "a").write(json.dumps(res) +
 assert res["ok"], res
 EOF
 
-run_part throughput 240 "$PY" - <<'EOF'
+run_part throughput 150 "$PY" - <<'EOF'
 import json, os, time
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
@@ -150,7 +150,7 @@ for projector in ("sjlt", "pallas"):
         print(json.dumps(dict(part="throughput", case=f"featurize_{projector}", error=repr(e)[:500])))
 EOF
 
-run_part smoke 120 "$PY" -m duet_jax.run --preset smoke --out_dir "$OUT/smoke_run" --quiet
+run_part smoke 60 "$PY" -m duet_jax.run --preset smoke --out_dir "$OUT/smoke_run" --quiet
 
 echo "=== summary ==="
 for k in "${!STATUS[@]}"; do echo "$k: ${STATUS[$k]}"; done
