@@ -21,8 +21,13 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 demo: setup
 	$(OFFLINE) $(PY) -m duet_jax.run $(ARGS)
 
+# Two processes: the suite on one CPU device, then the multidevice tests on 8 simulated devices
+# (XLA's device count is fixed per process). Exit 5 (no test selected, e.g. ARGS="-k splits") is
+# not a failure of the second.
 test: setup
-	$(OFFLINE) JAX_PLATFORMS=cpu $(PY) -m pytest -q $(ARGS)
+	$(OFFLINE) JAX_PLATFORMS=cpu $(PY) -m pytest -q -m "not multidevice" $(ARGS)
+	$(OFFLINE) JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+	  $(PY) -m pytest -q -m multidevice tests/multidevice $(ARGS) || [ $$? -eq 5 ]
 
 lint: setup
 	$(VENV)/bin/ruff check duet_jax kernels tests experiments
