@@ -176,10 +176,10 @@ PRESETS: dict[str, dict] = {
         "target": "boolq", "budget": 10000, "k": 1, "rounds": 10, "warm_start": 50,
         "train_per_domain": 0, "dtype": "bfloat16",
         "lora": {"rank": 16, "alpha": 32},
-        "train": {"epochs": 1.0, "batch_size": 8, "grad_accum": 4, "learning_rate": 1e-4},
+        "train": {"epochs": 1.0, "batch_size": 8, "grad_accum": 4, "learning_rate": 1e-4, "remat": True},
         "encode": {"max_length": 512},
         "bo": {"profile": "paper"},
-        "influence": {"proj_dim": 8192, "proxy_examples": 2000, "validation_examples": 256},
+        "influence": {"proj_dim": 8192, "proxy_examples": 2000, "validation_examples": 256, "remat": True},
         "feedback": {"examples": 0, "metric": "acc_norm"},
     },
 }

@@ -61,6 +61,8 @@ class InfluenceConfig:
       validation_examples: validation examples per domain for the query gradient.
       chunk_size: examples per featurize chunk (the resumable unit).
       seed: projection seed.
+      remat: recompute each layer in the per-example backward pass (an 8B model at 1024 tokens
+        needs about 13 GB per row without it; see docs/scale.md).
     """
 
     proj_dim: int = 2048
@@ -72,6 +74,7 @@ class InfluenceConfig:
     validation_examples: int = 16
     chunk_size: int = 64
     seed: int = 0
+    remat: bool = False
 
     def __post_init__(self):
         from duet_jax.errors import ConfigError
@@ -99,12 +102,19 @@ class DomainScores:
     per_domain: dict
 
 
-def example_loss_fn(graphdef, start: int) -> Callable:
-    """``loss(lora, example, frozen)``: mean answer-token loss of ONE pool row."""
+#: the layout of a stored feature row; bumped when the LoRA parameter tree (and so the flattening
+#: order of a gradient) changes, so that an old store is refused instead of mixed with new rows.
+#: 2: stacked decoder layers (lax.scan).
+FEATURE_LAYOUT = 2
+
+
+def example_loss_fn(graphdef, start: int, remat: bool = False) -> Callable:
+    """``loss(lora, example, frozen)``: mean answer-token loss of ONE pool row (``remat``: recompute
+    each layer in the backward pass, for long rows of large models)."""
 
     def loss(lora, ex: Pool, frozen):
         batch = jax.tree.map(lambda a: a[None], ex)
-        lp = slot_logprobs(graphdef, lora, frozen, batch, start=start)
+        lp = slot_logprobs(graphdef, lora, frozen, batch, start=start, remat=remat)
         m = batch.loss_mask
         return -jnp.sum(lp * m) / jnp.maximum(jnp.sum(m), 1.0)
 
@@ -238,7 +248,7 @@ def domain_influence(
     scores = np.zeros(len(domain_of), np.float32)
     valid = np.zeros(len(domain_of), bool)
     per: dict = {}
-    loss = example_loss_fn(graphdef, start)
+    loss = example_loss_fn(graphdef, start, remat=config.remat)
     scorer = InfluenceScorer(
         loss, proj_dim=proj_dim, projector=projector, curvature=curvature,
         damping=damping, seed=seed, batch_size=min(chunk_size, 16),
@@ -266,7 +276,7 @@ def domain_influence(
         ids = [example_ids[i] for i in rows]
         if store_root is not None:
             meta = store_metadata(scorer, proxy.lora, domain=name, example_ids=ids, model_hash=model_hash,
-                                  split="train", start_layer=int(start))
+                                  split="train", start_layer=int(start), layout=FEATURE_LAYOUT)
             store = FeatureStore.open(str(Path(store_root) / name), meta, n_examples=rows.size,
                                       dim=scorer.projector_for(proxy.lora).out_dim, chunk_size=chunk_size)
             cb = None if progress is None else (lambda i, n, name=name: progress(name, i, n))
