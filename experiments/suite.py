@@ -35,8 +35,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
-#: every method of the loop, in the order they are run (cheap and baseline first)
-METHODS = ["uniform", "random_search", "duet_if", "duet_ur", "duet_rh", "doremi", "regmix", "aioli",
+#: every method of the loop, in the order they are run (DUET and its closest baselines first)
+METHODS = ["duet_if", "random_search", "uniform", "duet_ur", "duet_rh", "doremi", "regmix", "aioli",
            "duet_less"]
 DEFAULT_WARM, DEFAULT_ROUNDS = 4, 12
 
