@@ -105,7 +105,7 @@ class BOConfig:
     fit_lr: float = 0.1
     lengthscale_gamma: tuple[float, float] = (3.0, 6.0)
 
-    acquisition: str = "ucb"
+    acquisition: str = "portfolio"
     beta: float = 1.0
     beta_schedule: str = "constant"
     igp_b: float = 1.0
@@ -116,10 +116,10 @@ class BOConfig:
     n_starts: int = 8
     ascent_steps: int = 60
     ascent_lr: float = 0.02
-    raw_sparse: float = 0.0
-    raw_local: int = 0
+    raw_sparse: float = 0.25
+    raw_local: int = 64
     local_sd: float = 0.05
-    dedup_tol: float = 0.0
+    dedup_tol: float = 0.02
     dedup_sd: float = 0.1
     ts_candidates: int = 512
     min_share: float = 0.0
@@ -278,6 +278,8 @@ BO_PROFILES: dict[str, dict[str, Any]] = {
         "n_init": None,
         "raw_sparse": 0.0,
         "raw_local": 0,
+        "local_sd": 0.05,
         "dedup_tol": 0.0,
+        "dedup_sd": 0.1,
     },
 }

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from duet_jax.bench import bo as bench
@@ -9,26 +10,44 @@ from duet_jax.bench import bo as bench
 from .common import FAST
 
 
-def test_runs_ours_only_and_reports_the_fields():
-    out = bench.run(dims=[3], sizes=[6], repeats=1, peer=False, regret=False, config=FAST)
-    assert out["ours_s_per_round"] > 0 and out["peer_s_per_round"] is None
-    assert out["ratio"] is None and out["timing"][0]["n"] == 6
-    json.loads(json.dumps(out))
-    table = {"evals": [10, 20], "rows": [{"function": "smooth-3d", "method": "ours", "seeds": 2,
-                                          "median_regret": [0.5, 0.25], "seconds": 1.0}]}
-    assert bench.regret_markdown(table).splitlines()[-1] == "| smooth-3d | ours | 2 | 0.5000 | 0.2500 |"
+def test_suite_appends_resumes_and_tabulates(tmp_path):
+    path = tmp_path / "suite.jsonl"
+    case = bench.Case("peaks", 3)
+    assert case.name == "peaks-3d" and bench.Case("smooth", 5, 0.1).name == "smooth-5d-noise0.1"
+    new = bench.run_suite([case], ["ours", "random"], seeds=2, n_evals=6, results=path,
+                          configs={"ours": FAST})
+    assert len(new) == 4 and len(path.read_text().splitlines()) == 4
+    assert bench.run_suite([case], ["ours", "random"], seeds=2, n_evals=6, results=path,
+                           configs={"ours": FAST}) == []  # all done: nothing reruns
+    with path.open("a") as fh:
+        fh.write('{"cut short')  # an interrupted line is skipped
+    recs = bench._load(path)
+    assert len(recs) == 4
+    for r in recs:
+        assert len(r["regret"]) == 6 and np.all(np.diff(r["regret"]) <= 0)
+    rows = bench.summarize(recs, (3, 6), fingerprints={"ours": bench._fingerprint(FAST)})
+    assert [r["method"] for r in rows] == ["ours", "random"] and rows[0]["seeds"] == 2
+    q25, med, q75 = rows[0]["@6"]
+    assert q25 <= med <= q75
+    md = bench.table_markdown(rows, (3, 6))
+    assert md.splitlines()[2].startswith("| peaks-3d | ours | 2 | ")
+    json.loads(json.dumps(rows))
+
+
+def test_near_duplicates_counts_repeats_after_the_warm_start():
+    x = np.array([[1, 0, 0], [0, 1, 0], [0.5, 0.5, 0], [0.51, 0.49, 0], [0, 0, 1.0], [0, 0.005, 0.995]])
+    assert bench.near_duplicates(x, n_init=2) == 2
+    assert bench.near_duplicates(x, n_init=5) == 1
 
 
 @pytest.mark.bench_peer
-def test_botorch_peer_and_the_regret_table_on_tiny_sizes():
+def test_botorch_peer_on_tiny_sizes(tmp_path):
     pytest.importorskip("botorch")
-    out = bench.run(dims=[3], sizes=[6], evals=[5, 6], seeds=2, peer_seeds=1, repeats=1,
-                    peer=True, config=FAST)
-    assert out["peer_s_per_round"] > 0 and out["ratio"] > 0
-    rows = out["regret"]["rows"]
-    assert {r["function"] for r in rows} == {"smooth-3d", "multimodal-3d"}
-    assert {r["method"] for r in rows} == {"ours", "random", "botorch"}
-    for r in rows:
-        assert r["seeds"] == (1 if r["method"] == "botorch" else 2)
-        assert r["median_regret"][1] <= r["median_regret"][0]
-    json.loads(json.dumps(out))
+    path = tmp_path / "suite.jsonl"
+    new = bench.run_suite([bench.Case("smooth", 3, 0.1)], ["botorch-logei", "botorch-ucb"],
+                          seeds=1, n_evals=5, results=path)
+    assert {r["method"] for r in new} == {"botorch-logei", "botorch-ucb"}
+    for r in new:
+        assert len(r["regret"]) == 5 and r["s_per_round"] > 0
+    out = bench.timing(dims=[3], sizes=[6], repeats=1, config=FAST)
+    assert out["ratio"] > 0 and out["load_average_before"] is not None
