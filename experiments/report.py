@@ -78,7 +78,7 @@ def separation_section(results: Path) -> list[str]:
                 sep = s["separation"]
                 verdict = "" if sep is None else (" **separates**" if sep >= 2 else " does not separate")
                 if s.get("resample_constant"):
-                    verdict = "re-samples identical (std 0)"
+                    verdict = " (every evaluation gave the same value)"
                 out.append(f"| {m} | {_f(base['metrics'].get(m)) if base else '–'} | {_f(s['ratios_mean'])} "
                            f"[{_f(s['ratios_min'])}, {_f(s['ratios_max'])}] | {_f(s['ratios_std'])} ({s['ratios_n']}) "
                            f"| {_f(s['resample_mean'])} | {_f(s['resample_std'])} ({s['resample_n']}) | "
