@@ -105,8 +105,10 @@ def test_local_step_is_one_program_compiled_once(setting):
     step = LocalStep(setting, uniform_weights(setting.domain_of_device()), fb)
     before = local_program._cache_size()
     a = step(np.array([0.2, 0.3, 0.5]), 0, 0, "warm")
+    first = local_program._cache_size()
+    assert first <= before + 1  # one program (or none: an earlier test compiled this shape)
     b = step(np.array([0.7, 0.2, 0.1]), 1, 1, "round")
-    assert local_program._cache_size() == before + 1  # a new ratio does not recompile
+    assert local_program._cache_size() == first  # a new ratio does not recompile
     for ev in (a, b):
         r = ev.record
         assert len(r["feedbacks"]) == 2 and r["feedback"] == max(r["feedbacks"]) and not r["failed"]
