@@ -77,6 +77,8 @@ def separation_section(results: Path) -> list[str]:
             for m, s in sp.items():
                 sep = s["separation"]
                 verdict = "" if sep is None else (" **separates**" if sep >= 2 else " does not separate")
+                if sep is not None and (s["ratios_n"] < N_RATIOS or s["resample_n"] < N_RESAMPLES):
+                    verdict += " (partial: too few evaluations to decide)"
                 if s.get("resample_constant"):
                     verdict = " (every evaluation gave the same value)"
                 out.append(f"| {m} | {_f(base['metrics'].get(m)) if base else '–'} | {_f(s['ratios_mean'])} "

@@ -244,6 +244,8 @@ def cmd_run(a) -> int:
                     print(f"suite: --max-minutes {a.max_minutes} reached; stopping (rerun to continue)", flush=True)
                     write_summary(results)
                     return 0
+                _restore_partial(run_dir(scratch, a.variant, setting, method, seed), results, a.variant, setting,
+                                 method, seed)
                 log = logs / f"{a.variant}_{setting}_{method}_seed{seed}.log"
                 print(f"suite: {setting} / {method} / seed {seed} ({a.variant}) -> {log}  "
                       f"[load {os.getloadavg()[0]:.1f}]", flush=True)
@@ -259,6 +261,8 @@ def cmd_run(a) -> int:
                                                 stderr=subprocess.STDOUT, start_new_session=True)
                         rc = _wait(proc, deadline)
                 if rc is None:
+                    _save_partial(run_dir(scratch, a.variant, setting, method, seed), results, a.variant, setting,
+                                  method, seed)
                     print(f"suite: deadline reached during {setting}/{method}/seed{seed}: killed, it resumes "
                           "on the next run", flush=True)
                     write_summary(results)
@@ -276,6 +280,35 @@ def cmd_run(a) -> int:
     write_summary(results)
     print(f"suite: all done ({n_done} were already done, {n_run} run now)", flush=True)
     return 0
+
+
+def _partial_dir(results: Path, variant, setting, method, seed) -> Path:
+    return results / "partial" / variant / setting / method / f"seed{seed}"
+
+
+def _save_partial(rdir: Path, results: Path, variant, setting, method, seed) -> None:
+    """A killed run's config.json and history.jsonl, kept in the results tree (committed), so a
+    later session without the scratch dir resumes it instead of starting over."""
+    import shutil
+
+    if (rdir / "history.jsonl").exists():
+        dst = _partial_dir(results, variant, setting, method, seed)
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in ("config.json", "history.jsonl"):
+            shutil.copy2(rdir / f, dst / f)
+
+
+def _restore_partial(rdir: Path, results: Path, variant, setting, method, seed) -> None:
+    """Put a saved partial run back into an empty run dir (its best adapter is re-made by the loop's
+    repair step: the best evaluation is re-run from its recorded seed)."""
+    import shutil
+
+    src = _partial_dir(results, variant, setting, method, seed)
+    if (src / "history.jsonl").exists() and not (rdir / "history.jsonl").exists():
+        rdir.mkdir(parents=True, exist_ok=True)
+        for f in ("config.json", "history.jsonl"):
+            shutil.copy2(src / f, rdir / f)
+        print(f"suite: restored the partial run {src} into {rdir}", flush=True)
 
 
 def _wait(proc: subprocess.Popen, deadline: float | None) -> int | None:
