@@ -163,7 +163,14 @@ class Progress:
             self.bar = tqdm(total=total, desc=self.desc, leave=False, dynamic_ncols=True)
 
     def update(self, name: str, done: int, total: int):
-        """The influence step's callback: ``(domain, chunks done, chunks)``."""
+        """The influence step's callback: ``(domain, chunks done, chunks)``; without a bar, one
+        line on stderr per finished domain (the step can take many minutes)."""
+        if not self.enabled:
+            if done == total:
+                import sys
+
+                print(f"  influence {name}: {total} chunk(s) featurized", file=sys.stderr, flush=True)
+            return
         self._ensure(total)
         if self.bar is not None:
             self.bar.total = total
