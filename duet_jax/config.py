@@ -216,12 +216,11 @@ def convert(value: Any, annotation, where: str) -> Any:
         if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() in _NULL)):
             return None
         rest = [a for a in args if a is not type(None)]
-        errors = []
         for a in rest:
             try:
                 return convert(value, a, where)
-            except ConfigError as e:
-                errors.append(e)
+            except ConfigError:
+                pass
         raise bad(" or ".join(_tname(a) for a in rest) + (" or null" if type(None) in args else ""))
     if annotation is bool:
         if isinstance(value, bool):
@@ -313,9 +312,7 @@ def _build_section(cls, values: dict, where: str):
             raise _named(e, where) from e
     try:
         return cls(**kw)
-    except DuetError as e:
-        raise _named(e, where) from e
-    except (TypeError, ValueError) as e:
+    except (DuetError, TypeError, ValueError) as e:
         raise _named(e, where) from e
 
 

@@ -39,7 +39,6 @@ from duet_jax.loop.proposers import BOProposer, FixedRatio, RandomSearch
 from duet_jax.loop.selectors import selector_weights
 from duet_jax.loop.setting import LeakError, Setting, check_no_leak, plan_data
 from duet_jax.loop.shell import Progress, RunShell
-from duet_jax.mixture import share_caps
 
 __all__ = ["LeakError", "check_no_leak", "make_proposer", "run"]
 
@@ -96,7 +95,7 @@ def make_proposer(method, setting, run_dir: Path):
 
     cfg = setting.config
     n = setting.n_domains
-    caps = share_caps(cfg.budget, setting.available, cfg.replace)
+    caps = setting.caps
     if method.proposer == "bo":
         return BOProposer(n, warm_start=cfg.warm_start, seed=cfg.seed, config=cfg.bo, caps=caps), {}
     if method.proposer == "random":

@@ -16,7 +16,7 @@ import numpy as np
 
 from experiments.separation import N_RATIOS, N_RESAMPLES, load, spreads
 from experiments.settings import SETTINGS, VARIANTS
-from experiments.suite import METHODS, RESULTS, best_so_far, write_summary
+from experiments.suite import METHODS, RESULTS, best_so_far, finished_runs, write_summary
 
 HERE = Path(__file__).resolve().parent
 PAGE = HERE / "RESULTS.md"
@@ -110,12 +110,8 @@ def separation_section(results: Path) -> list[str]:
 # ------------------------------------------------------------------------------ methods
 def _runs(results: Path) -> dict:
     runs: dict = {}
-    for p in sorted(results.glob("*/*/seed*.json")):
-        try:
-            d = json.loads(p.read_text())
-        except json.JSONDecodeError:
-            continue
-        if "history" in d and d.get("setting") in SETTINGS:
+    for d in finished_runs(results):
+        if d.get("setting") in SETTINGS:
             runs.setdefault(d["setting"], {}).setdefault(d["method"], []).append(d)
     return runs
 

@@ -109,18 +109,34 @@ def best_so_far(history: list[dict]) -> list[float | None]:
     return out
 
 
-def write_summary(results: Path = RESULTS) -> dict:
-    """``summary.json`` in the issue's format, from the result files present."""
-    from duet_jax import report
-
-    settings: dict = {}
+def finished_runs(results: Path = RESULTS):
+    """The finished runs' result files (a dict each, with its ``history``), in path order."""
     for p in sorted(results.glob("*/*/seed*.json")):
         try:
             d = json.loads(p.read_text())
         except json.JSONDecodeError:
             continue
-        if "history" not in d:
-            continue
+        if "history" in d:
+            yield d
+
+
+def grid(a, scratch: Path):
+    """``(seed, setting, method, config)`` of every run the command line names."""
+    extra = json.loads(a.extra) if a.extra else None
+    for seed in a.seeds:
+        for setting in a.settings:
+            for method in a.methods:
+                yield seed, setting, method, make_config(
+                    setting, method, seed, a.variant, preset_name=a.preset, warm_start=a.warm_start,
+                    rounds=a.rounds, extra=extra, scratch=scratch)
+
+
+def write_summary(results: Path = RESULTS) -> dict:
+    """``summary.json`` in the issue's format, from the result files present."""
+    from duet_jax import report
+
+    settings: dict = {}
+    for d in finished_runs(results):
         s = settings.setdefault(d["setting"], {}).setdefault(d["method"], {"values": [], "metric": None,
                                                                             "variant": d.get("variant"),
                                                                             "acc": {}})
@@ -228,55 +244,51 @@ def cmd_run(a) -> int:
     deadline = None if a.max_minutes is None else t0 + 60 * a.max_minutes
     scratch = scratch_dir(a.scratch)
     results = Path(a.results)
-    extra = json.loads(a.extra) if a.extra else None
+    extra = json.loads(a.extra) if a.extra else None  # for run_one (in process)
     logs = scratch / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     n_done = n_run = 0
-    for seed in a.seeds:
-        for setting in a.settings:
-            for method in a.methods:
-                cfg = make_config(setting, method, seed, a.variant, preset_name=a.preset, warm_start=a.warm_start,
-                                  rounds=a.rounds, extra=extra, scratch=scratch)
-                if is_done(results, setting, method, seed, cfg):
-                    n_done += 1
-                    continue
-                if deadline is not None and time.time() >= deadline:
-                    print(f"suite: --max-minutes {a.max_minutes} reached; stopping (rerun to continue)", flush=True)
-                    write_summary(results)
-                    return 0
-                _restore_partial(run_dir(scratch, a.variant, setting, method, seed), results, a.variant, setting,
-                                 method, seed)
-                log = logs / f"{a.variant}_{setting}_{method}_seed{seed}.log"
-                print(f"suite: {setting} / {method} / seed {seed} ({a.variant}) -> {log}  "
-                      f"[load {os.getloadavg()[0]:.1f}]", flush=True)
-                t = time.time()
-                if a.inprocess:  # tests: no child, no kill at the deadline (checked between runs)
-                    run_one(setting, method, seed, a.variant, scratch=scratch, results=results,
-                            preset_name=a.preset, warm_start=a.warm_start, rounds=a.rounds, extra=extra,
-                            accuracy=not a.no_accuracy)
-                    rc = 0
-                else:
-                    with open(log, "a") as f:
-                        proc = subprocess.Popen(_child_cmd(a, setting, method, seed), cwd=ROOT, stdout=f,
-                                                stderr=subprocess.STDOUT, start_new_session=True)
-                        rc = _wait(proc, deadline)
-                if rc is None:
-                    _save_partial(run_dir(scratch, a.variant, setting, method, seed), results, a.variant, setting,
-                                  method, seed)
-                    print(f"suite: deadline reached during {setting}/{method}/seed{seed}: killed, it resumes "
-                          "on the next run", flush=True)
-                    write_summary(results)
-                    return 0
-                if rc != 0:
-                    print(f"suite: {setting}/{method}/seed{seed} failed (exit {rc}); see {log}", flush=True)
-                    if a.stop_on_error:
-                        return rc
-                    continue
-                n_run += 1
-                s = json.loads(result_path(results, setting, method, seed).read_text())["summary"]
-                print(f"suite:   best {s.get('best_feedback')} (uniform {s.get('uniform_feedback')}) in "
-                      f"{time.time() - t:.0f} s [load {os.getloadavg()[0]:.1f}]", flush=True)
-                write_summary(results)
+    for seed, setting, method, cfg in grid(a, scratch):
+        if is_done(results, setting, method, seed, cfg):
+            n_done += 1
+            continue
+        if deadline is not None and time.time() >= deadline:
+            print(f"suite: --max-minutes {a.max_minutes} reached; stopping (rerun to continue)", flush=True)
+            write_summary(results)
+            return 0
+        _restore_partial(run_dir(scratch, a.variant, setting, method, seed), results, a.variant, setting,
+                         method, seed)
+        log = logs / f"{a.variant}_{setting}_{method}_seed{seed}.log"
+        print(f"suite: {setting} / {method} / seed {seed} ({a.variant}) -> {log}  "
+              f"[load {os.getloadavg()[0]:.1f}]", flush=True)
+        t = time.time()
+        if a.inprocess:  # tests: no child, no kill at the deadline (checked between runs)
+            run_one(setting, method, seed, a.variant, scratch=scratch, results=results,
+                    preset_name=a.preset, warm_start=a.warm_start, rounds=a.rounds, extra=extra,
+                    accuracy=not a.no_accuracy)
+            rc = 0
+        else:
+            with open(log, "a") as f:
+                proc = subprocess.Popen(_child_cmd(a, setting, method, seed), cwd=ROOT, stdout=f,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+                rc = _wait(proc, deadline)
+        if rc is None:
+            _save_partial(run_dir(scratch, a.variant, setting, method, seed), results, a.variant, setting,
+                          method, seed)
+            print(f"suite: deadline reached during {setting}/{method}/seed{seed}: killed, it resumes "
+                  "on the next run", flush=True)
+            write_summary(results)
+            return 0
+        if rc != 0:
+            print(f"suite: {setting}/{method}/seed{seed} failed (exit {rc}); see {log}", flush=True)
+            if a.stop_on_error:
+                return rc
+            continue
+        n_run += 1
+        s = json.loads(result_path(results, setting, method, seed).read_text())["summary"]
+        print(f"suite:   best {s.get('best_feedback')} (uniform {s.get('uniform_feedback')}) in "
+              f"{time.time() - t:.0f} s [load {os.getloadavg()[0]:.1f}]", flush=True)
+        write_summary(results)
     write_summary(results)
     print(f"suite: all done ({n_done} were already done, {n_run} run now)", flush=True)
     return 0
@@ -337,23 +349,18 @@ def cmd_one(a) -> int:
 def cmd_status(a) -> int:
     scratch = scratch_dir(a.scratch)
     results = Path(a.results)
-    extra = json.loads(a.extra) if a.extra else None
     from duet_jax import report
 
     left = 0
-    for seed in a.seeds:
-        for setting in a.settings:
-            for method in a.methods:
-                cfg = make_config(setting, method, seed, a.variant, preset_name=a.preset, warm_start=a.warm_start,
-                                  rounds=a.rounds, extra=extra, scratch=scratch)
-                if is_done(results, setting, method, seed, cfg):
-                    state = "done"
-                else:
-                    left += 1
-                    rdir = run_dir(scratch, a.variant, setting, method, seed)
-                    n = len(report.read_history(rdir)) if (rdir / "history.jsonl").exists() else 0
-                    state = f"partial {n}/{cfg.evaluations}" if n else "not started"
-                print(f"{setting:24s} {method:14s} seed{seed}  {state}")
+    for seed, setting, method, cfg in grid(a, scratch):
+        if is_done(results, setting, method, seed, cfg):
+            state = "done"
+        else:
+            left += 1
+            rdir = run_dir(scratch, a.variant, setting, method, seed)
+            n = len(report.read_history(rdir)) if (rdir / "history.jsonl").exists() else 0
+            state = f"partial {n}/{cfg.evaluations}" if n else "not started"
+        print(f"{setting:24s} {method:14s} seed{seed}  {state}")
     print(f"{left} run(s) left")
     return 0
 

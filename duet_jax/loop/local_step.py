@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from duet_jax.loop.feedback import EvalInfo, Outcome
-from duet_jax.mixture import cap_ratio, ratio_to_counts, sample_mixtures
+from duet_jax.mixture import sample_mixtures
 from duet_jax.train.trainer import _finetune_one, learning_rate_schedule, num_steps
 
 __all__ = ["Evaluation", "LocalStep", "divergence", "eval_seed", "local_program"]
@@ -131,9 +131,6 @@ class LocalStep:
         self.config = cfg
         self.check = divergence_check
         self.steps = num_steps(cfg.train, cfg.budget)
-        from duet_jax.mixture import share_caps
-
-        self.caps = share_caps(cfg.budget, setting.available, cfg.replace)
         self.specs = {}
         mesh = setting.mesh
         if mesh is not None:  # as finetune_many: k adapters over data when it divides k
@@ -150,13 +147,6 @@ class LocalStep:
                 self.specs = dict(batch_spec=batch_sharding(mesh, cfg.train.batch_size))
             self.specs["eval_spec"] = batch_sharding(mesh, 16)
 
-    def counts(self, ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The ratio actually trained (capped by the domains' sizes without replacement) and its
-        counts."""
-        s, cfg = self.setting, self.config
-        r = cap_ratio(ratio, self.caps, cfg.budget, s.available) if self.caps is not None else cap_ratio(ratio, None)
-        return r, ratio_to_counts(r, cfg.budget, s.available, replace=cfg.replace)
-
     def program(self, counts, key):
         s, cfg = self.setting, self.config
         score = bool(getattr(self.feedback, "in_program", False))
@@ -169,7 +159,7 @@ class LocalStep:
     def __call__(self, ratio, index: int, rnd: int, phase: str) -> Evaluation:
         s, cfg = self.setting, self.config
         t = time.time()
-        ratio, counts = self.counts(np.asarray(ratio, np.float64))
+        ratio, counts = s.counts(ratio)
         seed = eval_seed(cfg.seed, index)
         idx, ok, res, scores = self.program(counts, jax.random.key(seed))
         if not bool(np.asarray(ok).all()):

@@ -80,22 +80,15 @@ class BaselineConfig:
 # ------------------------------------------------------------------------------------ helpers
 def _mixtures(setting, ratios: np.ndarray, key) -> np.ndarray:
     """One uniformly sampled mixture per ratio: int32 ``[R, M]``."""
-    from duet_jax.mixture import (
-        cap_ratio,
-        ratio_to_counts,
-        sample_mixture,
-        share_caps,
-        uniform_weights,
-    )
+    from duet_jax.mixture import sample_mixture, uniform_weights
 
     cfg = setting.config
-    caps = share_caps(cfg.budget, setting.available, cfg.replace)
-    w = uniform_weights(setting.domain_of_device())
+    dom = setting.domain_of_device()
+    w = uniform_weights(dom)
     out = []
     for i, r in enumerate(ratios):
-        r = cap_ratio(r, caps, cfg.budget, setting.available) if caps is not None else cap_ratio(r, None)
-        counts = ratio_to_counts(r, cfg.budget, setting.available, replace=cfg.replace)
-        idx, _ = sample_mixture(jax.random.fold_in(key, i), w, setting.domain_of_device(),
+        _, counts = setting.counts(r)
+        idx, _ = sample_mixture(jax.random.fold_in(key, i), w, dom,
                                 jnp.asarray(counts, jnp.int32), budget=cfg.budget,
                                 n_domains=setting.n_domains, replace=cfg.replace)
         out.append(np.asarray(idx))

@@ -156,6 +156,22 @@ class Setting:
         return np.bincount(self.domain_of, minlength=len(self.names))
 
     @property
+    def caps(self) -> np.ndarray | None:
+        """Largest share of each domain (``None``: sampling with replacement, no cap)."""
+        from duet_jax.mixture import share_caps
+
+        return share_caps(self.config.budget, self.available, self.config.replace)
+
+    def counts(self, ratio) -> tuple[np.ndarray, np.ndarray]:
+        """The ratio actually trained (capped by the domains' sizes without replacement, rounding-
+        safe) and its per-domain counts."""
+        from duet_jax.mixture import cap_ratio, ratio_to_counts
+
+        cfg = self.config
+        r = cap_ratio(np.asarray(ratio, np.float64), self.caps, cfg.budget, self.available)
+        return r, ratio_to_counts(r, cfg.budget, self.available, replace=cfg.replace)
+
+    @property
     def n_domains(self) -> int:
         return len(self.names)
 
