@@ -90,6 +90,9 @@ class RunConfig:
     influence_dir: str | None = _f(None, "where the influence stores live (default RUN_DIR/influence); "
                                          "runs of one setting and seed can share one to compute the "
                                          "scores once")
+    trunk_dir: str | None = _f(None, "a directory of frozen-trunk hidden states shared by runs (keyed by "
+                                     "the frozen weights and the token ids; default: none, each run "
+                                     "computes its own)")
     dtype: str = _f("float32", "compute dtype: float32 or bfloat16")
     divergence_check: bool = _f(True, "record a fine-tune whose loss rose or reached the uniform-"
                                       "prediction loss as a failed evaluation")
@@ -377,6 +380,7 @@ def config_hash(config: RunConfig | dict) -> str:
     d = to_dict(config) if isinstance(config, RunConfig) else json.loads(json.dumps(config))
     d.pop("out_dir", None)
     d.pop("influence_dir", None)
+    d.pop("trunk_dir", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

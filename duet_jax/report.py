@@ -43,7 +43,7 @@ from duet_jax.errors import ConfigError
 
 __all__ = ["init_run_dir", "read_history", "append_history", "best_of", "save_best_adapter",
            "best_adapter_evaluation", "clean_stale", "lock_run_dir", "RunLock", "check_writable",
-           "summarize", "plots", "closing_table", "eval_line", "write_json", "read_config"]
+           "summarize", "plots", "closing_table", "eval_line", "write_json", "write_npy", "read_config"]
 
 BEST = "best_adapter"
 BEST_TMP = ".best_adapter.tmp"
@@ -52,15 +52,15 @@ TMP_PREFIX = ".tmp-"
 LOCK = ".lock"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path``, fsync, rename it over ``path``. On any
-    failure (ENOSPC, a kill signal turned into an exception) the temporary file is removed and the
-    error re-raised; ``path`` keeps its old content."""
+def _atomic_write(path: Path, write, mode: str = "w") -> None:
+    """Call ``write(file)`` on a temporary file next to ``path``, fsync, rename it over ``path``. On
+    any failure (ENOSPC, a kill signal turned into an exception) the temporary file is removed and
+    the error re-raised; ``path`` keeps its old content."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -68,6 +68,15 @@ def _atomic_write_text(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda f: f.write(text))
+
+
+def write_npy(path: str | Path, array: np.ndarray) -> None:
+    """Atomic ``.npy`` write (complete or absent, like :func:`write_json`)."""
+    _atomic_write(Path(path), lambda f: np.save(f, array), "wb")
 
 
 def write_json(path: str | Path, obj) -> None:

@@ -10,7 +10,9 @@
 Each run has its own run directory under the scratch dir (``--scratch``, default
 ``$DUET_EXPERIMENTS_SCRATCH`` or ``/tmp/duet-experiments``):
 ``<scratch>/runs/<variant>/<setting>/<method>/seed<N>``; the runs of one (setting, variant, seed)
-share one influence store (``.../influence/seed<N>``: computed once, reused by duet_if / duet_rh).
+share one influence store (``.../influence/seed<N>``: computed once, reused by duet_if / duet_rh),
+and every run reads the frozen trunk's states of its pools from ``<scratch>/trunk`` (computed by the
+first run that needs them).
 A finished run's config, summary and full history are copied to
 ``experiments/results/<setting>/<method>/seed<N>.json``; a rerun skips runs whose result file is
 there (with the same config hash) and resumes a killed one from its run directory (the loop replays
@@ -60,6 +62,7 @@ def make_config(setting, method, seed, variant, *, preset_name="demo", warm_star
     extra = dict(extra or {})
     if scratch is not None:
         extra["influence_dir"] = str(scratch / "runs" / variant / setting / "influence" / f"seed{seed}")
+        extra.setdefault("trunk_dir", str(scratch / "trunk"))  # one trunk pass per pool, for every run
     return run_config(setting, method, seed, variant, preset_name=preset_name, rounds=rounds,
                       warm_start=warm_start, extra=extra)
 

@@ -220,15 +220,51 @@ class Setting:
 
     def with_trunk(self, pool):
         """``pool`` with the frozen trunk's hidden states (unchanged when there is no trunk), placed
-        on the mesh when there is one."""
+        on the mesh when there is one. With ``config.trunk_dir`` the states are read from (or, the
+        first time, written to) that shared directory."""
         if self.start:
-            pool = pool.with_hidden(trunk_hidden(self.graphdef, self.lora0, self.frozen, pool,
-                                                 start=self.start, mesh=self.mesh))
+            pool = pool.with_hidden(self._trunk_states(pool))
         if self.mesh is not None:
             from duet_jax.sharding import place_pool
 
             pool = place_pool(pool, self.mesh)
         return pool
+
+    def _trunk_states(self, pool):
+        compute = lambda: trunk_hidden(self.graphdef, self.lora0, self.frozen, pool, start=self.start,
+                                       mesh=self.mesh)
+        if not self.config.trunk_dir:
+            return compute()
+        from duet_jax.report import write_npy
+
+        path = Path(self.config.trunk_dir) / f"{self._trunk_key(pool)}.npy"
+        if path.exists():
+            try:
+                return jnp.asarray(np.load(path))
+            except (OSError, ValueError) as e:  # a torn or foreign file: recompute and replace it
+                self.log(f"  trunk cache {path} unreadable ({e}); recomputing")
+        hidden = compute()
+        write_npy(path, np.asarray(hidden))
+        return hidden
+
+    def _trunk_key(self, pool) -> str:
+        """What the trunk's states depend on: the frozen weights below ``start`` (a digest of their
+        values, so a changed checkpoint at the same path misses), the compute dtype, the layer, the
+        backend and the token ids and masks."""
+        if "weights_digest" not in self._cache:
+            leaves = jax.tree_util.tree_leaves_with_path(self.frozen)
+            sums = [jnp.sum(jnp.abs(x.astype(jnp.float32))) for _, x in leaves]
+            parts = [f"{jax.tree_util.keystr(k)}:{x.shape}:{x.dtype}:{float(v):.9e}"
+                     for (k, x), v in zip(leaves, sums, strict=True)]
+            self._cache["weights_digest"] = hashlib.sha256("|".join(parts).encode()).hexdigest()
+        h = hashlib.sha256()
+        h.update(f"{self._cache['weights_digest']}|{self.config.dtype}|{self.start}|{jax.default_backend()}|"
+                 f"{jax.__version__}".encode())
+        for a in (pool.input_ids, pool.attention_mask):
+            a = np.ascontiguousarray(np.asarray(a))
+            h.update(f"{a.shape}{a.dtype}".encode())
+            h.update(a.tobytes())
+        return h.hexdigest()[:24]
 
     def encode_pool(self, examples: list[Example], *, answer_slots: int | None = None):
         """Examples as a pool (with the trunk cache) and the ids kept."""

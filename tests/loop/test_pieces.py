@@ -157,3 +157,39 @@ def test_external_feedback_callable_protocol(setting, tmp_path):
     bad.prepare(s)
     out = bad(lora, info)
     assert all(o.value is None and "evaluator down" in o.error for o in out)
+
+
+# ------------------------------------------------------------------ the shared trunk cache
+def test_trunk_dir_shares_the_frozen_trunk_between_runs(tmp_path, monkeypatch):
+    import dataclasses
+
+    from duet_jax.config import config_hash
+    from duet_jax.loop import setting as setting_mod
+
+    cfg = preset("smoke", method="uniform", trunk_dir=str(tmp_path / "trunk"))
+    assert config_hash(cfg) == config_hash(dataclasses.replace(cfg, trunk_dir=None))
+    plan = plan_data(cfg, log=lambda s: None)
+    calls = []
+    real = setting_mod.trunk_hidden
+    monkeypatch.setattr(setting_mod, "trunk_hidden", lambda *a, **k: calls.append(1) or real(*a, **k))
+    a = Setting.build(cfg, plan, tmp_path / "a", log=lambda s: None)
+    assert a.start > 0 and len(calls) == 1
+    files = sorted((tmp_path / "trunk").glob("*.npy"))
+    assert len(files) == 1
+    b = Setting.build(cfg, plan, tmp_path / "b", log=lambda s: None)  # another run: read, not computed
+    assert len(calls) == 1
+    np.testing.assert_array_equal(np.asarray(b.pool.hidden), np.asarray(a.pool.hidden))
+    # other rows (the validation pool) are another entry
+    b.validation_pool()
+    assert len(calls) == 2 and len(list((tmp_path / "trunk").glob("*.npy"))) == 2
+    # a torn file is recomputed and replaced, with a message
+    files[0].write_bytes(b"\x93NUMPY torn")
+    lines = []
+    c = Setting.build(cfg, plan, tmp_path / "c", log=lines.append)
+    assert len(calls) == 3 and any("unreadable" in s for s in lines)
+    np.testing.assert_array_equal(np.asarray(c.pool.hidden), np.asarray(a.pool.hidden))
+    np.testing.assert_array_equal(np.load(files[0]), np.asarray(a.pool.hidden))
+    # other frozen weights (a new checkpoint at the same path) give another key
+    key = a._trunk_key(a.pool)
+    other = dataclasses.replace(a, frozen=jax.tree.map(lambda x: x * 1.5, a.frozen), _cache={})
+    assert other._trunk_key(a.pool) != key and a._trunk_key(a.pool) == key
