@@ -47,6 +47,8 @@ def run(config, run_dir: str | Path | None = None, *, log: Callable[[str], None]
         progress: bool = True) -> dict:
     """Run ``config.method`` in ``run_dir`` (new, or resumed where it stopped); the summary."""
     run_dir = Path(run_dir or config.out_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
+    if jax.process_index() != 0:  # multi-host: every process runs the loop, process 0 speaks
+        log, progress = (lambda s: None), False
     method = METHODS[config.method]
     plan = plan_data(config, log)  # domains, splits, leak check: before anything is written
     feedback = make_feedback(config)  # a bad command or callable fails here, before any training
@@ -104,10 +106,12 @@ def make_proposer(method, setting, run_dir: Path):
         return FixedRatio(np.full(n, 1.0 / n), caps), {}
     from duet_jax.loop.proxies import run_proxy
 
+    from duet_jax.sharding import broadcast_json, is_primary
+
     path = Path(run_dir) / "proxy.json"
     h = config_hash(cfg)
-    if path.exists():
-        saved = json.loads(path.read_text())
+    saved = broadcast_json(json.loads(path.read_text()) if is_primary() and path.exists() else None)
+    if saved is not None:
         if saved.get("config_hash") == h:
             setting.log(f"{method.name}: proxy ratio read back from {path}")
             return FixedRatio(saved["ratio"], caps), saved["info"]
@@ -115,7 +119,8 @@ def make_proposer(method, setting, run_dir: Path):
     ratio, info = run_proxy(method.proposer, setting, cfg.baselines,
                             jax.random.fold_in(jax.random.key(cfg.seed), 2 * 10**6))
     info = {**info, "proxy_seconds": round(time.time() - t, 2)}
-    report.write_json(path, {"config_hash": h, "ratio": ratio.tolist(), "info": info})
+    if is_primary():
+        report.write_json(path, {"config_hash": h, "ratio": ratio.tolist(), "info": info})
     setting.log(f"{method.name}: {info['proxy_finetunes']} proxy fine-tune(s) in {info['proxy_seconds']:.1f} s "
                 "-> ratio " + ", ".join(f"{nm} {s:.3f}" for nm, s in zip(setting.names, ratio, strict=True)))
     return FixedRatio(ratio, caps), info

@@ -410,7 +410,8 @@ def check_writable(run_dir: str | Path) -> None:
         raise ConfigError(f"the run directory {run_dir} is not writable: {e.strerror or e}; {hint}") from None
 
 
-def summarize(run_dir: Path, history: list[dict], names: list[str], wall: float, extra=None) -> dict:
+def summarize(run_dir: Path, history: list[dict], names: list[str], wall: float, extra=None, *,
+              write: bool = True) -> dict:
     best = best_of(history)
     uniform = next((r for r in history if r["phase"] == "warm" and r["eval"] == 0), None)
     best_ratio = None
@@ -428,7 +429,8 @@ def summarize(run_dir: Path, history: list[dict], names: list[str], wall: float,
         "domains": names,
         **(extra or {}),
     }
-    write_json(run_dir / "summary.json", summary)
+    if write:
+        write_json(run_dir / "summary.json", summary)
     return summary
 
 

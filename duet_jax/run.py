@@ -33,6 +33,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue the run in RUN_DIR with its saved configuration")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = parser.add_argument_group(
+        "multi-host", "one process per host, the same command on every host (docs/scale.md); not part of "
+        "the run config. Without these flags a run is one process; JAX_COORDINATOR_ADDRESS, "
+        "JAX_NUM_PROCESSES and JAX_PROCESS_ID in the environment also start a multi-host run")
+    g.add_argument("--distributed", action="store_true",
+                   help="join a jax.distributed group (TPU VM pods, SLURM and Open MPI are detected by JAX)")
+    g.add_argument("--coordinator-address", default=None, help="host:port of process 0 (implies --distributed)")
+    g.add_argument("--num-processes", type=int, default=None, help="processes in the group (implies --distributed)")
+    g.add_argument("--process-id", type=int, default=None, help="this process's index (implies --distributed)")
     from duet_jax.config import add_config_flags
 
     add_config_flags(parser)
@@ -45,6 +54,7 @@ def main(args: argparse.Namespace) -> int:
     from duet_jax.config import config_from_args, from_dict, to_dict
 
     _enable_compilation_cache()
+    _maybe_initialize_distributed(args)
     if args.resume:
         given = [k for k, v in vars(args).items() if k.startswith("opt:") and v is not None]
         if given or args.config or args.preset_name:
@@ -83,6 +93,18 @@ def main(args: argparse.Namespace) -> int:
               "(\"errors\")", file=sys.stderr)
         return 3
     return 0
+
+
+def _maybe_initialize_distributed(args) -> None:
+    """``jax.distributed.initialize`` (before any other JAX call) when the flags or the environment
+    ask for a multi-host run."""
+    flags = (getattr(args, "coordinator_address", None), getattr(args, "num_processes", None),
+             getattr(args, "process_id", None))
+    env = any(os.environ.get(k) for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"))
+    if getattr(args, "distributed", False) or any(v is not None for v in flags) or env:
+        from duet_jax.sharding import initialize_distributed
+
+        initialize_distributed(*flags)
 
 
 def _enable_compilation_cache() -> None:

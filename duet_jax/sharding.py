@@ -54,6 +54,11 @@ __all__ = [
     "from_process_local",
     "constrain_batch",
     "initialize_distributed",
+    "is_primary",
+    "broadcast_json",
+    "gather_tree",
+    "all_processes",
+    "process_dir",
 ]
 
 AXES = ("data", "fsdp")
@@ -258,10 +263,66 @@ def constrain_batch(tree, sharding: NamedSharding | None):
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None) -> None:
-    """``jax.distributed.initialize`` for multi-host runs: from the arguments, else from the
-    environment (TPU VMs, SLURM and Open MPI are detected by JAX itself). Call it once per process,
-    before any other JAX call; a single-process run does not need it."""
-    kwargs = {k: v for k, v in dict(coordinator_address=coordinator_address,
-                                    num_processes=num_processes, process_id=process_id).items()
+    """``jax.distributed.initialize`` for multi-host runs, once per process, before any other JAX
+    call (a single-process run does not need it).
+
+    Values: the arguments, else ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
+    ``JAX_PROCESS_ID`` from the environment, else JAX's own detection (TPU VMs, SLURM, Open MPI).
+    """
+    import os
+
+    env = lambda k, f=str: f(os.environ[k]) if os.environ.get(k) else None
+    kwargs = {k: v for k, v in dict(coordinator_address=coordinator_address or env("JAX_COORDINATOR_ADDRESS"),
+                                    num_processes=num_processes if num_processes is not None
+                                    else env("JAX_NUM_PROCESSES", int),
+                                    process_id=process_id if process_id is not None
+                                    else env("JAX_PROCESS_ID", int)).items()
               if v is not None}
     jax.distributed.initialize(**kwargs)
+
+
+def is_primary() -> bool:
+    """Whether this process writes the run's files (process 0; always, with one process)."""
+    return jax.process_index() == 0
+
+
+def broadcast_json(value=None):
+    """Process 0's ``value`` (anything JSON can hold) in every process: the run directory's state
+    (history, best adapter) lives on process 0's disk only. A collective: every process calls it.
+    One process: ``value`` itself."""
+    if jax.process_count() == 1:
+        return value
+    import json
+
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8) if is_primary() else np.zeros(0, np.uint8)
+    n = int(multihost_utils.broadcast_one_to_all(np.asarray([data.size], np.int64))[0])
+    buf = np.zeros(n, np.uint8)
+    buf[: data.size] = data
+    out = np.asarray(multihost_utils.broadcast_one_to_all(buf), np.uint8)
+    return json.loads(out.tobytes().decode())
+
+
+def gather_tree(tree):
+    """:func:`gather` of every array in ``tree`` (a collective with several processes)."""
+    return jax.tree.map(gather, tree)
+
+
+def all_processes(flag: bool) -> bool:
+    """Whether ``flag`` holds in every process (a collective with several processes): for choices
+    that decide whether a collective program runs (a cache hit), which must agree everywhere."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray([bool(flag)]))))
+
+
+def process_dir(path):
+    """``path`` itself with one process; ``path/process<i>`` with several, so each process keeps its
+    own copy of a cache or store (no shared file system assumed, no two writers of one file)."""
+    from pathlib import Path
+
+    path = Path(path)
+    return path if jax.process_count() == 1 else path / f"process{jax.process_index()}"

@@ -189,6 +189,14 @@ class ExternalFeedback:
         return self.setting.run_dir / "adapters" / f"eval{info.index:04d}_{j}"
 
     def __call__(self, loras, info: EvalInfo) -> list[Outcome]:
+        from duet_jax.sharding import broadcast_json, gather_tree, is_primary
+
+        loras = gather_tree(loras)  # multi-host: every process, then process 0 asks the source alone
+        out = self._ask(loras, info) if is_primary() else None
+        got = broadcast_json(None if out is None else [[o.value, o.error] for o in out])
+        return out if out is not None else [Outcome(v, e) for v, e in got]
+
+    def _ask(self, loras, info: EvalInfo) -> list[Outcome]:
         from duet_jax.feedback import FeedbackRequest
 
         out = []

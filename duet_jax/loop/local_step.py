@@ -24,6 +24,7 @@ import numpy as np
 
 from duet_jax.loop.feedback import EvalInfo, Outcome
 from duet_jax.mixture import sample_mixtures
+from duet_jax.sharding import gather
 from duet_jax.train.trainer import _finetune_one, learning_rate_schedule, num_steps
 
 __all__ = ["Evaluation", "LocalStep", "divergence", "eval_seed", "local_program"]
@@ -162,10 +163,14 @@ class LocalStep:
         ratio, counts = s.counts(ratio)
         seed = eval_seed(cfg.seed, index)
         idx, ok, res, scores = self.program(counts, jax.random.key(seed))
-        if not bool(np.asarray(ok).all()):
+        # gather: with several processes the k results can sit on other hosts' devices (a
+        # collective: every process takes this path)
+        if not bool(gather(ok).all()):
             raise RuntimeError("a mixture could not be filled although its counts fit the pool")
-        losses = np.asarray(res.losses)
-        bad = np.atleast_1d(np.asarray(res.bad_step))
+        losses = gather(res.losses)
+        bad = np.atleast_1d(gather(res.bad_step))
+        if scores is not None:
+            scores = tuple(gather(x) for x in scores)
         sched = learning_rate_schedule(cfg.train, self.steps)
         reasons = [divergence(losses[j], s.vocab_size, bad_step=int(bad[j]),
                               learning_rate=float(sched(max(int(bad[j]), 0))))

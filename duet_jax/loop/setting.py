@@ -236,13 +236,17 @@ class Setting:
         if not self.config.trunk_dir:
             return compute()
         from duet_jax.report import write_npy
+        from duet_jax.sharding import all_processes, process_dir
 
-        path = Path(self.config.trunk_dir) / f"{self._trunk_key(pool)}.npy"
+        path = process_dir(self.config.trunk_dir) / f"{self._trunk_key(pool)}.npy"
+        cached = None
         if path.exists():
             try:
-                return jnp.asarray(np.load(path))
+                cached = np.load(path)
             except (OSError, ValueError) as e:  # a torn or foreign file: recompute and replace it
                 self.log(f"  trunk cache {path} unreadable ({e}); recomputing")
+        if all_processes(cached is not None):  # the pass is a collective: every process or none
+            return jnp.asarray(cached)
         hidden = compute()
         write_npy(path, np.asarray(hidden))
         return hidden
@@ -302,7 +306,10 @@ class Setting:
         cfg = self.config
         vpool, vdom = self.validation_pool()
         qpool = None
-        root = Path(cfg.influence_dir) if cfg.influence_dir else self.run_dir / "influence"
+        from duet_jax.sharding import process_dir
+
+        # several processes: each keeps its own copy of the stores (they featurize in lockstep)
+        root = process_dir(Path(cfg.influence_dir) if cfg.influence_dir else self.run_dir / "influence")
         if query == "target":
             if not self.plan.target_query:
                 raise ConfigError("duet_less needs target examples (selector.less_examples > 0)")

@@ -9,7 +9,10 @@
 * ``best_adapter/`` always holds the history's best evaluation: it is written after the history
   line, and a resume that finds it holding another evaluation (a kill in between, a full disk)
   re-runs that evaluation (deterministic: its keys come from its recorded seed) and puts it there;
-* ``summary.json``, plots and the closing table at the end.
+* ``summary.json``, plots and the closing table at the end;
+* several processes (multi-host): every process runs the loop (the programs are collectives), process
+  0 alone locks and writes the directory, and the others receive its history by broadcast (no shared
+  file system needed).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class RunShell:
 
     def __init__(self, run_dir: str | Path, config, *, log: Callable[[str], None] = print):
         from duet_jax.config import config_hash, to_dict
+        from duet_jax.sharding import is_primary
 
         self.dir = Path(run_dir)
         self.config = config
@@ -41,9 +45,33 @@ class RunShell:
         self.history: list[dict] = []
         self.t0 = time.time()
         self._lock = None
+        self._have_best: int | None = None
+        #: multi-host: process 0 alone locks and writes the run directory; the others get its state
+        #: (history, which evaluation best_adapter/ holds) by broadcast and keep the history in memory
+        self.primary = is_primary()
 
     # ------------------------------------------------------------------ open / close
     def __enter__(self) -> RunShell:
+        from duet_jax.sharding import broadcast_json
+
+        state, exc = None, None
+        if self.primary:
+            try:
+                self._open()
+                state = {"history": self.history, "best_adapter": report.best_adapter_evaluation(self.dir)}
+            except BaseException as e:  # the other processes must not wait for a state that never comes
+                exc, state = e, {"error": f"{type(e).__name__}: {e}"}
+        state = broadcast_json(state)
+        if exc is not None:
+            raise exc
+        if "error" in state:
+            raise ConfigError(f"process 0 could not open the run directory: {state['error']}")
+        self.history, self._have_best = state["history"], state["best_adapter"]
+        if self.history:
+            self.log(f"resuming {self.dir}: {len(self.history)} evaluation(s) already done")
+        return self
+
+    def _open(self) -> None:
         self._lock = report.lock_run_dir(self.dir)
         try:
             for line in report.clean_stale(self.dir):
@@ -53,10 +81,8 @@ class RunShell:
             self._check_history()
         except BaseException:
             self._lock.release()
+            self._lock = None
             raise
-        if self.history:
-            self.log(f"resuming {self.dir}: {len(self.history)} evaluation(s) already done")
-        return self
 
     def __exit__(self, *exc) -> None:
         if self._lock is not None:
@@ -99,7 +125,8 @@ class RunShell:
         repairs, never a wrong adapter that looks right."""
         rec = {**evaluation.record, "config_hash": self.hash}
         before = self.best
-        report.append_history(self.dir, rec)
+        if self.primary:
+            report.append_history(self.dir, rec)
         self.history.append(rec)
         if rec["feedback"] is not None and (before is None or rec["feedback"] > before["feedback"]):
             self._save_best(rec, evaluation.loras, export)
@@ -107,13 +134,17 @@ class RunShell:
     def _save_best(self, rec: dict, loras, export: Callable) -> None:
         import jax
 
-        lo = jax.tree.map(lambda a, j=rec["best_of_k"]: a[j], loras)
-        report.save_best_adapter(self.dir, lo, lambda d, lo=lo: export(lo, d), rec)
+        from duet_jax.sharding import gather_tree
+
+        lo = jax.tree.map(lambda a, j=rec["best_of_k"]: a[j], gather_tree(loras))  # every process
+        if self.primary:
+            report.save_best_adapter(self.dir, lo, lambda d, lo=lo: export(lo, d), rec)
+        self._have_best = int(rec["eval"])
 
     def repair_best_adapter(self, rerun: Callable[[dict], object], export: Callable) -> None:
         """Make ``best_adapter/`` hold the history's best evaluation, re-running it if needed."""
         best = self.best
-        have = report.best_adapter_evaluation(self.dir)
+        have = self._have_best
         if best is None or have == best["eval"]:
             return
         self.log(f"  best_adapter/ holds evaluation {have}, the history's best is {best['eval']}: "
@@ -142,8 +173,9 @@ class RunShell:
             "feedback_std": float(np.std(ok, ddof=1)) if len(ok) > 1 else None,
             "config_hash": self.hash,
             **extra,
-        })
-        report.plots(self.dir, hist, names)
+        }, write=self.primary)
+        if self.primary:
+            report.plots(self.dir, hist, names)
         return summary
 
 
@@ -151,7 +183,10 @@ class Progress:
     """A tqdm progress bar on stderr when enabled, plain lines otherwise."""
 
     def __init__(self, enabled: bool, total: int | None = None, desc: str = "influence"):
-        self.enabled = enabled
+        import jax
+
+        self.silent = jax.process_index() != 0  # multi-host: process 0 speaks
+        self.enabled = enabled and not self.silent
         self.bar = None
         self.total = total
         self.desc = desc
@@ -165,6 +200,8 @@ class Progress:
     def update(self, name: str, done: int, total: int):
         """The influence step's callback: ``(domain, chunks done, chunks)``; without a bar, one
         line on stderr per finished domain (the step can take many minutes)."""
+        if self.silent:
+            return
         if not self.enabled:
             if done == total:
                 import sys
@@ -179,6 +216,8 @@ class Progress:
             self.bar.refresh()
 
     def advance(self, n: int, line: str | None = None):
+        if self.silent:
+            return
         self._ensure(self.total)
         if self.bar is not None:
             self.bar.update(n)
