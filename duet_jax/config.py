@@ -375,12 +375,15 @@ def from_dict(values: dict) -> RunConfig:
     return _build(values)
 
 
+#: where a run writes and reads its files: not part of its hash, and may change on resume
+LOCATION_FIELDS = ("out_dir", "influence_dir", "trunk_dir")
+
+
 def config_hash(config: RunConfig | dict) -> str:
     """A hash of everything that decides a run's results (not where it is written)."""
     d = to_dict(config) if isinstance(config, RunConfig) else json.loads(json.dumps(config))
-    d.pop("out_dir", None)
-    d.pop("influence_dir", None)
-    d.pop("trunk_dir", None)
+    for k in LOCATION_FIELDS:
+        d.pop(k, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

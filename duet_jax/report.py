@@ -98,14 +98,16 @@ def _jsonable(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def init_run_dir(run_dir: Path, config: dict) -> None:
-    """Create the directory and write config.json; an existing run must have the same config."""
+def init_run_dir(run_dir: Path, config: dict, *, ignore: tuple[str, ...] = ()) -> None:
+    """Create the directory and write config.json; an existing run must have the same config
+    (but for the top-level keys in ``ignore``: where things are written, not what is computed)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.json"
     if path.exists():
         old = json.loads(path.read_text())
-        if old != json.loads(json.dumps(config)):
-            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        new = json.loads(json.dumps(config))
+        diff = sorted(k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k))
+        if diff:
             raise ConfigError(
                 f"{run_dir} holds a run with another configuration (differs in {diff}); resume it "
                 "with --resume, or choose another --out_dir")

@@ -76,7 +76,9 @@ class RunShell:
         try:
             for line in report.clean_stale(self.dir):
                 self.log(f"  {line}")
-            report.init_run_dir(self.dir, self.values)
+            from duet_jax.config import LOCATION_FIELDS
+
+            report.init_run_dir(self.dir, self.values, ignore=LOCATION_FIELDS)
             self.history = report.read_history(self.dir)
             self._check_history()
         except BaseException:

@@ -103,6 +103,21 @@ def test_an_edited_config_or_other_domains_are_refused(all_methods, tmp_path):
             run(from_dict(values), cut, **QUIET)
 
 
+def test_where_files_go_may_change_on_resume_what_is_computed_may_not(all_methods, tmp_path):
+    import dataclasses
+
+    cfg, d, summary = all_methods["uniform"]
+    moved = tmp_path / "moved"
+    shutil.copytree(d, moved)
+    again = dataclasses.replace(cfg, trunk_dir=str(tmp_path / "trunk"), influence_dir=str(tmp_path / "inf"))
+    s = run(again, moved, **QUIET)  # every evaluation replayed, none redone
+    assert s["best_feedback"] == summary["best_feedback"] and s["n_evaluations"] == summary["n_evaluations"]
+    assert len(report.read_history(moved)) == summary["n_evaluations"]
+    other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, learning_rate=0.5))
+    with pytest.raises(ConfigError, match=r"another configuration \(differs in \['train'\]\)"):
+        run(other, moved, **QUIET)
+
+
 def test_bad_feedback_source_fails_before_anything_is_written(tmp_path):
     for fb, match in (({"callable": "no_such_module_xyz:f"}, "no_such_module_xyz"),
                       ({"callable": "json.dumps"}, "package.module:function"),
