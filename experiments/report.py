@@ -159,6 +159,54 @@ def _verdict(a: list[float], b: list[float]) -> str | None:
     return "win" if d > 2 * se else "loss" if d < -2 * se else "tie"
 
 
+def _paired(a: dict[int, float], b: dict[int, float]) -> tuple[str | None, list[float]]:
+    """win / tie / loss of a over b on the seeds both have (same seed: same pool rows, splits and
+    feedback examples, so the between-seed spread of the feedback set cancels): the mean per-seed
+    difference beyond 2 standard errors of that mean (needs 2+ common seeds)."""
+    common = sorted(set(a) & set(b))
+    d = [a[s] - b[s] for s in common]
+    if len(d) < 2:
+        return None, d
+    m, se = float(np.mean(d)), float(np.std(d, ddof=1) / np.sqrt(len(d)))
+    if se == 0:
+        return ("tie" if m == 0 else "win" if m > 0 else "loss"), d
+    return ("win" if m > 2 * se else "loss" if m < -2 * se else "tie"), d
+
+
+def _by_seed(rs: list[dict]) -> dict[int, float]:
+    return {d["seed"]: d["summary"]["best_feedback"] for d in rs if d["summary"].get("best_feedback") is not None}
+
+
+def noise_line(ms: dict) -> str | None:
+    """The single-evaluation noise measured inside the uniform runs (every evaluation re-samples
+    the uniform ratio), for reading the differences in the table."""
+    if "uniform" not in ms:
+        return None
+    sds = [float(np.std([r["feedback"] for r in d["history"] if r["feedback"] is not None], ddof=1))
+           for d in ms["uniform"] if len(d["history"]) > 2]
+    if not sds:
+        return None
+    n = len(ms["uniform"][0]["history"])
+    return (f"Noise: in the uniform runs every evaluation re-samples the same ratio (fresh mixture and "
+            f"fine-tune keys); the std of one evaluation's feedback there is {', '.join(f'{x:.4f}' for x in sds)} "
+            f"(per seed, {n} evaluations each), so the uniform row's *best* is what {n} re-samples of one "
+            "ratio reach by luck alone.")
+
+
+def _sentence(st, dm, bm, a, b, sa, sb) -> str:
+    word = {"win": "wins over", "tie": "ties with", "loss": "loses to"}
+    v = _verdict(a, b)
+    pv, d = _paired(sa, sb)
+    if v is None and pv is None:
+        return f"{st}: {dm} vs {bm}: too few seeds to say ({len(a)} and {len(b)})."
+    head = (f"{st}: {dm} {word[v]} {bm}" if v else f"{st}: {dm} vs {bm}") + \
+        f" on best neg_loss ({np.mean(a):.4f} vs {np.mean(b):.4f}, {len(a)} and {len(b)} seeds)"
+    if pv is not None:
+        head += (f"; paired: {word[pv]} (per-seed differences {', '.join(f'{x:+.4f}' for x in d)}, "
+                 f"{sum(x > 0 for x in d)} of {len(d)} seeds ahead)")
+    return head + "."
+
+
 def methods_section(results: Path) -> list[str]:
     out = ["## 2. Method comparison", "",
            "Each run: the same number of feedback evaluations for every method (warm start + rounds), "
@@ -200,6 +248,9 @@ def methods_section(results: Path) -> list[str]:
             out.append(f"| {label} | {len(rs)} | {_pm(best)} | {_pm(meanfb)} | " + " | ".join(accs)
                        + (" | " if accs else "") + f"{'/'.join(map(str, pf))} | "
                        + (f"{np.median(ts):.1f} ({min(loads):.1f}-{max(loads):.1f})" if ts and loads else "–") + " |")
+        nl = noise_line(ms)
+        if nl:
+            out += ["", nl]
         png = results / "plots" / f"{st}.png"
         if _plot(st, ms, png):
             out += ["", f"![best so far, {st}](results/plots/{st}.png)"]
@@ -212,17 +263,17 @@ def methods_section(results: Path) -> list[str]:
                 if bm not in ms:
                     continue
                 b = [d["summary"]["best_feedback"] for d in ms[bm] if d["summary"].get("best_feedback") is not None]
-                v = _verdict(a, b)
-                if v is None:
-                    sentences.append(f"{st}: {dm} vs {bm}: too few seeds to say ({len(a)} and {len(b)}).")
-                else:
-                    word = {"win": "wins over", "tie": "ties with", "loss": "loses to"}[v]
-                    sentences.append(f"{st}: {dm} {word} {bm} on best neg_loss ({np.mean(a):.4f} vs "
-                                     f"{np.mean(b):.4f}, {len(a)} and {len(b)} seeds).")
+                sentences.append(_sentence(st, dm, bm, a, b, _by_seed(ms[dm]), _by_seed(ms[bm])))
+        for dm, bm in (("duet_if", "duet_ur"), ("duet_rh", "duet_ur"), ("duet_if", "duet_rh")):
+            if dm in ms and bm in ms:  # the local step's selector (the paper's IF vs UR vs RH ablation)
+                a, b = list(_by_seed(ms[dm]).values()), list(_by_seed(ms[bm]).values())
+                sentences.append(_sentence(st, dm, bm, a, b, _by_seed(ms[dm]), _by_seed(ms[bm])))
     out += ["### Where DUET wins, ties and loses", "",
             "Rule: a method wins when its mean best feedback exceeds the other's by more than two standard "
             "errors of the difference (sqrt(s1²/n1 + s2²/n2)), loses when it is below by as much, and ties "
-            "otherwise. With 3 seeds this is a coarse test.", ""]
+            "otherwise. *Paired*: the same rule on the per-seed differences (runs of one seed share the pool "
+            "rows, the splits and the feedback examples, so the spread between seeds' feedback sets cancels); "
+            "the per-seed differences are listed. With 3 seeds both are coarse tests.", ""]
     out += [f"- {s}" for s in sentences] or ["- Not yet measured (no DUET run next to a baseline run)."]
     out.append("")
     return out

@@ -59,3 +59,16 @@ def test_suite_runs_skips_resumes_and_summarises(tmp_path, tiny, monkeypatch):
 def test_best_so_far():
     h = [{"feedback": -2.0}, {"feedback": None}, {"feedback": -3.0}, {"feedback": -1.0}]
     assert suite.best_so_far(h) == [-2.0, -2.0, -2.0, -1.0]
+
+
+def test_paired_verdict_uses_common_seeds_and_the_per_seed_spread():
+    from experiments.report import _paired, _verdict
+
+    a = {0: -3.50, 1: -3.90, 2: -4.30}  # seeds differ a lot, a is ahead by 0.05 on every seed
+    b = {0: -3.55, 1: -3.95, 2: -4.36, 7: 0.0}
+    v, d = _paired(a, b)
+    assert v == "win" and len(d) == 3 and all(x > 0 for x in d)
+    assert _verdict(list(a.values()), list(b.values())[:3]) == "tie"  # unpaired: the seed spread hides it
+    assert _paired(b, a)[0] == "loss"
+    assert _paired({0: 1.0, 1: 2.0}, {0: 1.5, 1: 1.5})[0] == "tie"  # +-0.5: no consistent sign
+    assert _paired({0: 1.0}, {0: 0.0}) == (None, [1.0])  # one common seed: no verdict
