@@ -44,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
+from duet_jax.bench.common import load_average
+
 HELP = "BO regret suite (ours, paper, BoTorch LogEI/UCB, random) and round time vs BoTorch"
 
 __all__ = ["HELP", "add_arguments", "main", "Case", "cases", "run_suite", "summarize",
@@ -407,15 +409,10 @@ def time_rounds(dims, sizes, *, repeats: int = 3, peer: bool = True, config=None
                 botorch_round(x, y, **kw)
                 case["peer_s"] = time.perf_counter() - t0
                 case["ratio"] = case["peer_s"] / case["ours_s"]
+                # the one peer is the strongest (its rate: rounds/s); no FLOPs are counted for BO
+                case.update(strongest_peer=f"botorch-{acquisition}", ratio_vs_strongest=case["ratio"])
             cases_.append(case)
     return cases_
-
-
-def _load_average() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def timing(dims=(3, 5, 9, 12), sizes=(10, 30, 60), repeats: int = 3, peer: bool = True,
@@ -424,10 +421,10 @@ def timing(dims=(3, 5, 9, 12), sizes=(10, 30, 60), repeats: int = 3, peer: bool 
 
     peer = peer and _have_botorch()
     cfg = config or BOConfig()
-    load_before = _load_average()
+    load_before = load_average()
     cs = time_rounds(dims, sizes, repeats=repeats, peer=peer, config=cfg)
     out = {"bench": "bo-timing", "timing": cs, "load_average_before": load_before,
-           "load_average_after": _load_average(),
+           "load_average_after": load_average(),
            "ours_s_per_round": float(np.mean([c["ours_s"] for c in cs])),
            "peer_s_per_round": float(np.mean([c["peer_s"] for c in cs])) if peer else None,
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},

@@ -1,55 +1,86 @@
 """``duet-jax bench finetune``: LoRA fine-tuning and evaluation examples/s of duet-jax's jitted
 trainer against PyTorch + PEFT on the same weights, the same examples, same machine, same run.
 
-Cases (each a dict with ``name``, ``ours_examples_per_s``, ``peer_examples_per_s``, ``ratio`` =
-ours / peer, plus details):
+Every case is a comparison (:func:`duet_jax.bench.common.compare`): ``ours``, ``peers`` (each with
+``examples_per_s`` and ``fraction_of_matmul_peak``), ``strongest_peer`` (the fastest peer) and
+``ratio_vs_strongest`` (ours / it); ``peer_examples_per_s`` / ``ratio`` keep their earlier meaning
+(the ``peft_fixed`` peer). The PEFT peers, on transformers' ``LlamaForCausalLM`` built from our
+weights, with ``labels`` = -100 off the answer:
+
+- ``peft_fixed``: every batch padded to ``seq_len`` (8 x 128), batches in random order;
+- ``peft_dynamic``: each batch padded to its own longest row, batches grouped by length with
+  transformers' own ``get_length_grouped_indices`` (what ``Trainer(group_by_length=True)`` and a
+  padding-to-longest collator do): the strongest ordinary HF setting.
+
+Cases:
 
 1. ``full_lora``: LoRA r=8 on q,k,v,o of every layer, AdamW, one epoch over the same M real QA
-   examples (``arc_easy`` train split). Ours: :func:`duet_jax.train.finetune` (the pool is padded
-   to its longest row rounded up to 16, the LM head runs only on the answer slots). Peer: PEFT on
-   transformers' ``LlamaForCausalLM`` built from our weights, the ordinary padded batches of
-   ``batch x seq_len`` (8 x 128) with ``labels`` (-100 off the answer) and the full LM head,
-   ``torch.optim.AdamW`` + global-norm clipping + warm-up/cosine, same steps.
+   examples (``arc_easy`` train split). Ours: :func:`duet_jax.train.finetune` (the
+   ``_finetune_one`` the run's local program vmaps; the pool padded to its longest row rounded up
+   to 16, the LM head only on the answer slots). Peers: ``torch.optim.AdamW`` + global-norm
+   clipping + warm-up/cosine, same steps, full LM head.
 2. ``frozen_trunk``: LoRA on the last 4 layers only. Ours computes the hidden states entering the
    first adapted layer once (:func:`~duet_jax.train.trunk_hidden`) and fine-tunes from them; the
-   peer (PEFT on those same layers) runs the whole model each step. The trunk pass is reported
-   apart (``trunk_s``) and folded in for ``ratio_with_trunk`` (one fine-tune paying the whole
-   trunk; DUET pays it once per run, for about 60 fine-tunes).
-3. ``k4_vmapped``: k = 4 adapters on 4 mixtures in one :func:`~duet_jax.train.finetune_many` call
-   against 4 sequential :func:`~duet_jax.train.finetune` calls (both ours; frozen-trunk setting).
-4. ``eval_loglik``: answer log-likelihood per example (:func:`~duet_jax.train.row_scores`, full
-   model) against the PEFT model's forward with full logits + log-softmax + gather on padded
-   batches; the largest per-example difference is reported as a check that both compute the same.
-5. ``peak_rss``: peak resident memory (``ru_maxrss``) of a fine-tune at sequence 256, batch 8,
-   full LoRA, in a fresh subprocess per side (model load included; ``after_load_mib`` apart).
+   peers (PEFT on those same layers) run the whole model each step. The trunk pass is reported
+   apart (``trunk_s``) and folded in for ``ratio_with_trunk`` (against the strongest peer).
+3. ``k4_vmapped``: k = 4 adapters in the run's own program (:func:`duet_jax.loop.local_step.local_program`:
+   sampling and k vmapped fine-tunes in one jit, scoring off) against 4 sequential
+   :func:`~duet_jax.train.finetune` calls (both ours; frozen-trunk setting).
+4. ``eval_loglik``: answer log-likelihood per example (:func:`~duet_jax.train.row_scores`, what the
+   run's task feedback calls; full model) against the PEFT model's forward with full logits +
+   log-softmax + gather, fixed and dynamic padding (rows sorted by length); the largest
+   per-example difference is reported per peer as a check that all compute the same.
+5. ``peak_rss``: peak resident memory of a fine-tune at sequence 256, batch 8, full LoRA, in a
+   fresh subprocess per side (model load included; ``after_load_mib`` apart), the PEFT peer with
+   fixed and with dynamic padding.
 
 Every timing is taken after a warm-up call (JAX compile time reported apart as ``compile_s``);
-ours and the peer alternate rep by rep so that load from other processes hits both alike; the
-median rep counts. FLOPs are counted per side from the shapes each side actually computes
-(:func:`train_flops`) and reported as a fraction of this machine's float32 matmul peak
-(a big jitted ``jnp`` matmul, measured at the start and the end of the run; the larger counts).
-torch / peft come from the ``bench`` extra (``make bench-setup``) and are imported inside functions.
+all sides alternate rep by rep so that load from other processes hits them alike; the median rep
+counts. FLOPs are counted per side from the shapes each side actually computes
+(:func:`~duet_jax.bench.common.train_flops`) and reported as a fraction of this machine's float32
+matmul peak (a big jitted ``jnp`` matmul at the start and the end of the run, and ``torch.mm``;
+the largest counts). torch / peft come from the ``bench`` extra (``make bench-setup``) and are
+imported inside functions.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
-import resource
-import subprocess
-import sys
 import tempfile
-import time
 
 import numpy as np
 
-HELP = "LoRA fine-tune / evaluation examples/s vs PyTorch + PEFT on the same weights and examples"
+from duet_jax.bench.common import (
+    ATTN,
+    MatmulPeak,
+    alternate,
+    bench_examples,
+    compare,
+    emit,
+    load_average,
+    machine_info,
+    now,
+    peak_rss_mib,
+    peer_model,
+    peer_tensors,
+    peer_versions,
+    require_peer,
+    rss_mib,
+    run_child,
+    side,
+    torch_matmul_peak_gflops,
+    train_flops,
+    with_lora,
+)
 
-__all__ = ["HELP", "add_arguments", "main", "run", "train_flops", "CASES"]
+HELP = "LoRA fine-tune / evaluation examples/s vs PyTorch + PEFT (fixed and dynamic padding)"
+
+__all__ = ["HELP", "add_arguments", "main", "run", "train_flops", "CASES", "PEERS"]
 
 CASES = ("full_lora", "frozen_trunk", "k4_vmapped", "eval_loglik", "peak_rss")
-ATTN = ("q", "k", "v", "o")
+#: the PEFT peers: name -> (padding, group_by_length)
+PEERS = {"peft_fixed": ("fixed", False), "peft_dynamic": ("dynamic", True)}
 
 
 def add_arguments(parser):
@@ -59,7 +90,7 @@ def add_arguments(parser):
                         help="small sizes: 16 examples, sequence 64, 2 reps, 1 step in the RSS case")
     parser.add_argument("--examples", type=int, default=None, help="M (default 32; quick 16)")
     parser.add_argument("--seq-len", type=int, default=None,
-                        help="tokenizer max_length and the peer's padded length (default 128; quick 64)")
+                        help="tokenizer max_length and the fixed peer's padded length (default 128; quick 64)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=None, help="timed reps per side (default 2)")
     parser.add_argument("--last-layers", type=int, default=4, help="LoRA layers of the frozen-trunk case")
@@ -68,57 +99,9 @@ def add_arguments(parser):
     parser.add_argument("--remat", action="store_true",
                         help="peak_rss case: per-layer activation checkpointing (TrainConfig.remat)")
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ", ".join(CASES))
-    parser.add_argument("--no-peer", action="store_true", help="skip the torch peer")
+    parser.add_argument("--peers", default=",".join(PEERS), help="comma-separated subset of " + ", ".join(PEERS))
+    parser.add_argument("--no-peer", action="store_true", help="skip the torch peers")
     parser.add_argument("--json", action="store_true", help="print the JSON list of cases")
-
-
-# ------------------------------------------------------------------------------------ helpers
-def _now() -> float:
-    return time.perf_counter()
-
-
-def _matmul_peak(n: int = 2048) -> float:
-    from duet_jax.bench.influence import matmul_peak_gflops
-
-    return float(matmul_peak_gflops(n))
-
-
-def _layer_linear_params(cfg) -> int:
-    d, q, kv, i = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
-    return d * (q + 2 * kv) + q * d + 3 * d * i
-
-
-def train_flops(cfg, *, rows: int, seq: int, head_positions: int, start: int = 0,
-                first_trained: int | None = 0, lora_layers: int = 0, lora_rank: int = 8,
-                targets: tuple[str, ...] = ATTN) -> float:
-    """Matmul FLOPs of one pass over ``rows`` sequences of ``seq`` tokens: forward through layers
-    ``[start, L)`` plus the LM head on ``head_positions`` positions; with ``first_trained`` set,
-    the backward (input gradients of the frozen matmuls, 2x for attention, LoRA A/B gradients)
-    from the head down to layer ``first_trained``. ``first_trained=None``: forward only."""
-    L, D, V = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
-    qd = cfg.num_heads * cfg.head_dim
-    lin = 2 * _layer_linear_params(cfg)  # per token, forward
-    att = 4 * seq * qd  # scores + weighted sum, per token (full T x T as computed)
-    tok = rows * seq
-    dims = {"q": (D, qd), "k": (D, cfg.num_kv_heads * cfg.head_dim),
-            "v": (D, cfg.num_kv_heads * cfg.head_dim), "o": (qd, D)}
-    lora_tok = sum(2 * lora_rank * (dims[t][0] + dims[t][1]) for t in targets)
-    fwd = tok * (L - start) * (lin + att) + tok * lora_layers * lora_tok + 2 * head_positions * D * V
-    if first_trained is None:
-        return float(fwd)
-    n_bwd = L - max(first_trained, start)
-    bwd = tok * n_bwd * (lin + 2 * att) + 2 * tok * lora_layers * lora_tok + 2 * head_positions * D * V
-    return float(fwd + bwd)
-
-
-def _examples(domain: str, n: int):
-    from duet_jax.data import SplitSpec, get_domain
-
-    train = get_domain(domain).splits(SplitSpec(validation=0.1, evaluation=0.2)).train
-    if len(train) < n:
-        reps = -(-n // len(train))
-        train = (list(train) * reps)
-    return list(train[:n])
 
 
 class _Setup:
@@ -137,69 +120,57 @@ class _Setup:
         self.weights = hf_state_dict(model)
         self.seq_len = seq_len
         t = self.tok_split
+        self.lengths = np.minimum(t.lengths, seq_len).astype(np.int64)
         self.real_token_fraction = float(t.lengths.sum() / (len(t) * seq_len))
         self.answer_fraction = float(t.loss_mask.sum() / (len(t) * seq_len))
 
 
-def _with_lora(model, targets, last_layers, seed=1):
-    """A copy of ``model``'s graph with adapters attached: (graphdef, lora, frozen, start)."""
-    from flax import nnx
-
-    from duet_jax.models import LoRAConfig, add_lora
-    from duet_jax.train import split_model, trunk_start
-
-    g, st = nnx.split(model)
-    m = nnx.merge(g, st)  # a fresh module tree sharing the (immutable) weight arrays
-    add_lora(m, LoRAConfig(rank=8, alpha=16, targets=targets, last_layers=last_layers),
-             rngs=nnx.Rngs(seed))
-    g2, lora, frozen = split_model(m)
-    return g2, lora, frozen, trunk_start(m)
-
-
-# ------------------------------------------------------------------------------------ the peer
-def _peer_model(cfg, weights, last_layers):
-    import peft
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf())
-    tm = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
-    sd = {k: torch.from_numpy(v) for k, v in weights.items()}
-    missing, unexpected = tm.load_state_dict(sd, strict=False)
-    if unexpected or [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]:
-        raise RuntimeError(f"peer weights did not load: missing {missing}, unexpected {unexpected}")
-    tm.tie_weights()
-    layers = None if last_layers is None else list(range(cfg.num_layers - last_layers, cfg.num_layers))
-    lc = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                         target_modules=[f"{t}_proj" for t in ATTN], layers_to_transform=layers,
-                         task_type="CAUSAL_LM")
-    return peft.get_peft_model(tm, lc)
-
-
-def _peer_tensors(tok_split, seq_len):
-    import torch
-
-    ids = torch.from_numpy(tok_split.input_ids[:, :seq_len].astype(np.int64))
-    att = torch.from_numpy(tok_split.attention_mask[:, :seq_len].astype(np.int64))
-    lm = torch.from_numpy(tok_split.loss_mask[:, :seq_len].astype(bool))
-    labels = torch.where(lm, ids, torch.full_like(ids, -100))
-    return ids, att, labels
-
-
+# ------------------------------------------------------------------------------------ the peers
 class _PeerTrainer:
-    """One epoch of PEFT fine-tuning on padded batches; the adapter is reset before each epoch."""
+    """One epoch of PEFT fine-tuning; the adapter is reset before each epoch to its value when
+    the trainer was built (build every trainer of a shared model before any of them trains).
 
-    def __init__(self, pm, tensors, batch, epochs_examples, lr=2e-4, warmup_ratio=0.1):
+    ``padding="fixed"``: every batch is ``batch x seq_len``; ``"dynamic"``: each batch is cut to its
+    own longest row (the rows are right-padded, so this is padding to the longest). With
+    ``group_by_length`` the epoch's order is transformers' ``get_length_grouped_indices`` (what
+    ``Trainer(group_by_length=True)`` samples), else a random permutation. ``order`` fixes the
+    rows of every step instead (tests: two paddings on the same batches)."""
+
+    def __init__(self, pm, tensors, lengths, batch, epochs_examples, *, padding="fixed",
+                 group_by_length=False, lr=2e-4, warmup_ratio=0.1, order=None):
         import torch
 
+        if padding not in ("fixed", "dynamic"):
+            raise ValueError(f"padding must be fixed or dynamic, got {padding!r}")
         self.pm, self.t, self.batch = pm, tensors, batch
+        self.lengths = [int(x) for x in lengths]
+        self.padding, self.group = padding, group_by_length
         self.params = [p for p in pm.parameters() if p.requires_grad]
         self.init = [p.detach().clone() for p in self.params]
         self.m = epochs_examples
         self.steps = -(-epochs_examples // batch)
         self.lr, self.warm = lr, int(round(warmup_ratio * self.steps))
         self.gen = torch.Generator().manual_seed(0)
+        self.fixed_order = order
+        self.batch_lengths: list[int] = []
+
+    def _order(self):
+        import torch
+
+        if self.fixed_order is not None:
+            return torch.as_tensor(self.fixed_order)
+        n = self.steps * self.batch
+        parts, have = [], 0
+        while have < n:
+            if self.group:
+                from transformers.trainer_pt_utils import get_length_grouped_indices
+
+                parts.append(torch.as_tensor(get_length_grouped_indices(self.lengths[: self.m], self.batch,
+                                                                        generator=self.gen)))
+            else:
+                parts.append(torch.randperm(self.m, generator=self.gen))
+            have += self.m
+        return torch.cat(parts)[:n]
 
     def epoch(self, max_steps: int | None = None) -> list[float]:
         import torch
@@ -212,12 +183,13 @@ class _PeerTrainer:
         opt = torch.optim.AdamW(self.params, lr=self.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
         sched = get_cosine_schedule_with_warmup(opt, self.warm, self.steps)
         ids, att, labels = self.t
-        order = torch.randperm(self.m, generator=self.gen)
-        order = order.repeat(-(-self.steps * self.batch // self.m))[: self.steps * self.batch]
-        losses = []
+        order = self._order()
+        losses, self.batch_lengths = [], []
         for s in range(self.steps if max_steps is None else min(max_steps, self.steps)):
             r = order[s * self.batch:(s + 1) * self.batch]
-            out = self.pm(input_ids=ids[r], attention_mask=att[r], labels=labels[r])
+            T = max(self.lengths[int(i)] for i in r) if self.padding == "dynamic" else ids.shape[1]
+            self.batch_lengths.append(int(T))
+            out = self.pm(input_ids=ids[r, :T], attention_mask=att[r, :T], labels=labels[r, :T])
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)
             opt.step()
@@ -227,77 +199,89 @@ class _PeerTrainer:
         return losses
 
 
-def _peer_eval(pm, tok_split, seq_len, batch):
-    """Per example: (answer-token log-likelihood, summed loss-token NLL) from full logits."""
+def _peer_eval(pm, tok_split, seq_len, batch, padding="fixed"):
+    """Per example: ``(answer-token log-likelihood, summed loss-token NLL, batch lengths)`` from
+    full logits. ``padding="dynamic"``: rows sorted by length, each batch cut to its longest."""
     import torch
 
-    ids, att, _ = _peer_tensors(tok_split, seq_len)
+    ids, att, _ = peer_tensors(tok_split, seq_len)
+    n = ids.shape[0]
+    lengths = np.minimum(tok_split.lengths, seq_len).astype(np.int64)
     p0 = torch.from_numpy(tok_split.prompt_lengths.astype(np.int64))
     na = torch.from_numpy(tok_split.answer_lengths.astype(np.int64))
     lm = torch.from_numpy(tok_split.loss_mask[:, :seq_len].astype(np.float32))
     pos = torch.arange(seq_len)
     smask = ((pos[None] >= p0[:, None]) & (pos[None] < (p0 + na)[:, None])).float()
-    ll, nll = [], []
+    order = np.argsort(lengths, kind="stable") if padding == "dynamic" else np.arange(n)
+    ll, nll = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    blens = []
     pm.eval()
     with torch.inference_mode():
-        for b in range(0, ids.shape[0], batch):
-            sl = slice(b, b + batch)
-            logits = pm(input_ids=ids[sl], attention_mask=att[sl]).logits  # [B, T, V] full
+        for b in range(0, n, batch):
+            r = torch.from_numpy(order[b:b + batch])
+            T = int(lengths[order[b:b + batch]].max()) if padding == "dynamic" else seq_len
+            blens.append(T)
+            logits = pm(input_ids=ids[r, :T], attention_mask=att[r, :T]).logits  # [B, T, V] full
             lp = torch.log_softmax(logits[:, :-1].float(), -1)
-            tok_lp = torch.gather(lp, -1, ids[sl, 1:, None])[..., 0]  # predicts token t+1
-            ll.append((tok_lp * smask[sl, 1:]).sum(1))
-            nll.append(-(tok_lp * lm[sl, 1:]).sum(1))
-    return torch.cat(ll).numpy(), torch.cat(nll).numpy()
+            tok_lp = torch.gather(lp, -1, ids[r, 1:T, None])[..., 0]  # predicts token t+1
+            ll[r.numpy()] = (tok_lp * smask[r, 1:T]).sum(1).numpy()
+            nll[r.numpy()] = (-(tok_lp * lm[r, 1:T]).sum(1)).numpy()
+    return ll, nll, blens
 
 
 # ------------------------------------------------------------------------------------ cases
-def _case(name, ours_n, ours_s, peer_n=None, peer_s=None, **extra):
-    c = {"name": name, "ours_examples_per_s": ours_n / ours_s if ours_s else None,
-         "peer_examples_per_s": (peer_n / peer_s) if peer_s else None}
-    c["ratio"] = (c["ours_examples_per_s"] / c["peer_examples_per_s"]
-                  if c["ours_examples_per_s"] and c["peer_examples_per_s"] else None)
-    c.update(ours_s=ours_s, peer_s=peer_s, **extra)
+def _legacy(c: dict, peer: str = "peft_fixed") -> dict:
+    """The earlier single-peer fields (``peer_examples_per_s``, ``ratio``, ``ours_s``, ``peer_s``,
+    ``*_fraction_of_matmul_peak``) beside the comparison, ``peer`` being the earlier peer."""
+    p = c["peers"].get(peer)
+    c["peer_examples_per_s"] = p["examples_per_s"] if p else None
+    c["ratio"] = c["ratios"].get(peer)
+    c["ours_s"] = c["ours"]["seconds"]
+    c["peer_s"] = p["seconds"] if p else None
+    if p and p.get("fraction_of_matmul_peak") is not None:
+        c["peer_fraction_of_matmul_peak"] = p["fraction_of_matmul_peak"]
     return c
 
 
-def _alternate(ours_fn, peer_fn, repeats):
-    """Median seconds of each, reps interleaved (ours, peer, ours, peer, ...)."""
-    to, tp = [], []
-    for _ in range(repeats):
-        t0 = _now()
-        ours_fn()
-        to.append(_now() - t0)
-        if peer_fn is not None:
-            t0 = _now()
-            peer_fn()
-            tp.append(_now() - t0)
-    return float(np.median(to)), (float(np.median(tp)) if tp else None), to, tp
+def _finish(raw: dict, peak: float) -> dict:
+    """A case from its sides, against ``peak`` (re-run at the end with the run's final peak)."""
+    c = compare(raw["name"], raw["ours"], raw["peers"], peak, **raw["extra"])
+    c = _legacy(c, raw.get("legacy", "peft_fixed"))
+    if raw.get("trunk_s") is not None:  # frozen trunk: one fine-tune paying the whole trunk pass
+        M = raw["extra"]["examples"]
+        with_trunk = M / (c["ours"]["seconds"] + raw["trunk_s"])
+        best = c["strongest_peer_examples_per_s"]
+        c.update(ours_with_trunk_examples_per_s=with_trunk,
+                 ratio_with_trunk=(with_trunk / best) if best else None,
+                 ratio_with_trunk_vs_peft_fixed=(with_trunk / c["peer_examples_per_s"])
+                 if c["peer_examples_per_s"] else None)
+    return c
 
 
-def _train_case(name, s: _Setup, *, last_layers, batch, repeats, peer, peak_fn, use_trunk):
+def _train_case(name, s: _Setup, *, last_layers, batch, repeats, peers, use_trunk) -> dict:
     import jax
 
     from duet_jax.train import TrainConfig, finetune, trunk_hidden
 
-    g, lora, frozen, start0 = _with_lora(s.model, ATTN, last_layers)
+    g, lora, frozen, start0 = with_lora(s.model, ATTN, last_layers)
     cfg = s.cfg
     M = len(s.pool)
     tc = TrainConfig(epochs=1, batch_size=batch, learning_rate=2e-4)
     pool, start, trunk_s, trunk_compile_s = s.pool, 0, None, None
     if use_trunk:
         start = start0
-        t0 = _now()
+        t0 = now()
         trunk_hidden(g, lora, frozen, s.pool, start=start)  # compile (one program per length bucket)
-        trunk_compile_s = _now() - t0
-        t0 = _now()
+        trunk_compile_s = now() - t0
+        t0 = now()
         pool = s.pool.with_hidden(trunk_hidden(g, lora, frozen, s.pool, start=start))
         jax.block_until_ready(pool.hidden)
-        trunk_s = _now() - t0
+        trunk_s = now() - t0
     idx = np.arange(M, dtype=np.int32)
     keys = iter(range(1000))
-    t0 = _now()
+    t0 = now()
     r = finetune(g, lora, frozen, pool, idx, jax.random.key(next(keys)), tc, start=start)
-    compile_s = _now() - t0
+    compile_s = now() - t0
     steps = int(r.losses.shape[0])
     ours_losses = []
 
@@ -305,155 +289,174 @@ def _train_case(name, s: _Setup, *, last_layers, batch, repeats, peer, peak_fn, 
         res = finetune(g, lora, frozen, pool, idx, jax.random.key(next(keys)), tc, start=start)
         ours_losses.append(float(np.mean(np.asarray(res.losses))))
 
-    peer_fn, peer_info = None, {}
-    if peer:
-        pt = _PeerTrainer(_peer_model(cfg, s.weights, last_layers), _peer_tensors(s.tok_split, s.seq_len),
-                          batch, M)
-        peer_losses = []
-        pt.epoch(max_steps=1)  # warm-up (one step)
-        peer_fn = lambda: peer_losses.append(float(np.mean(pt.epoch())))
-    ours_s, peer_s, to, tp = _alternate(ours, peer_fn, repeats)
+    fns, trainers, peer_losses = {"ours": ours}, {}, {}
+    if peers:
+        pm = peer_model(cfg, s.weights, last_layers)
+        tensors = peer_tensors(s.tok_split, s.seq_len)
+        for pname in peers:  # all built before any trains: each keeps the same initial adapter
+            padding, group = PEERS[pname]
+            trainers[pname] = _PeerTrainer(pm, tensors, s.lengths, batch, M, padding=padding, group_by_length=group)
+        for pname, pt in trainers.items():
+            pt.epoch(max_steps=1)  # warm-up (one step)
+            peer_losses[pname] = []
+            fns[pname] = lambda pt=pt, out=peer_losses[pname]: out.append(float(np.mean(pt.epoch())))
+    times = alternate(fns, repeats)
     T, A = s.pool.length, s.pool.answer_slots
     n_layers_lora = cfg.num_layers if last_layers is None else last_layers
     first = cfg.num_layers - n_layers_lora
     ours_fl = train_flops(cfg, rows=steps * batch, seq=T, head_positions=steps * batch * A, start=start,
                           first_trained=first, lora_layers=n_layers_lora)
-    peak = peak_fn()
-    extra = dict(examples=M, steps=steps, batch=batch, ours_seq=T, ours_answer_slots=A,
-                 start=start, compile_s=compile_s, ours_reps_s=to,
-                 ours_mean_loss=float(np.mean(ours_losses)),
-                 ours_gflops=ours_fl / 1e9, ours_fraction_of_matmul_peak=ours_fl / ours_s / 1e9 / peak)
-    if peer:
-        Tp = s.seq_len
-        peer_fl = train_flops(cfg, rows=steps * batch, seq=Tp, head_positions=steps * batch * Tp,
-                              first_trained=first, lora_layers=n_layers_lora)
-        peer_info = dict(peer_seq=Tp, peer_reps_s=tp, peer_mean_loss=float(np.mean(peer_losses)),
-                         peer_gflops=peer_fl / 1e9, peer_fraction_of_matmul_peak=peer_fl / peer_s / 1e9 / peak)
-        extra.update(peer_info)
+    ours_s, ours_reps = times["ours"]
+    ours_side = side(M / ours_s, seconds=ours_s, gflops=ours_fl / 1e9, reps_s=ours_reps, seq=T,
+                     answer_slots=A, mean_loss=float(np.mean(ours_losses)), compile_s=compile_s,
+                     what="duet_jax.train.finetune" + (" from the cached trunk" if use_trunk else ""))
+    psides = {}
+    for pname, pt in trainers.items():
+        ps, preps = times[pname]
+        lens = pt.batch_lengths  # the last epoch's padded lengths, one per step
+        fl = sum(train_flops(cfg, rows=batch, seq=L, head_positions=batch * L, first_trained=first,
+                             lora_layers=n_layers_lora) for L in lens)
+        psides[pname] = side(M / ps, seconds=ps, gflops=fl / 1e9, reps_s=preps, batch_lengths=lens,
+                             mean_loss=float(np.mean(peer_losses[pname])),
+                             what=f"PEFT, {PEERS[pname][0]} padding"
+                                  + (", length-grouped batches" if PEERS[pname][1] else ""))
+    extra = dict(examples=M, steps=steps, batch=batch, start=start, compile_s=compile_s,
+                 ours_mean_loss=float(np.mean(ours_losses)), ours_seq=T, ours_answer_slots=A,
+                 ours_gflops=ours_fl / 1e9, ours_reps_s=ours_reps)
+    for pname, ps in psides.items():
+        extra[f"{pname}_mean_loss"] = ps["mean_loss"]
+    if "peft_fixed" in psides:
+        extra.update(peer_seq=s.seq_len, peer_mean_loss=psides["peft_fixed"]["mean_loss"],
+                     peer_reps_s=psides["peft_fixed"]["reps_s"], peer_gflops=psides["peft_fixed"]["gflops"])
     if use_trunk:
-        # the trunk pass forward-only through layers [0, start) on the pool's rows, at bucketed lengths
-        extra.update(trunk_s=trunk_s, trunk_compile_s=trunk_compile_s,
-                     ours_with_trunk_examples_per_s=M / (ours_s + trunk_s),
-                     ratio_with_trunk=((M / (ours_s + trunk_s)) / (M / peer_s)) if peer_s else None)
-    return _case(name, M, ours_s, M if peer else None, peer_s, **extra)
+        extra.update(trunk_s=trunk_s, trunk_compile_s=trunk_compile_s)
+    return {"name": name, "ours": ours_side, "peers": psides, "extra": extra, "trunk_s": trunk_s}
 
 
-def _k_case(s: _Setup, *, last_layers, batch, repeats, k, peak_fn):
+def _k_case(s: _Setup, *, last_layers, batch, repeats, k) -> dict:
+    """The run's program (``local_program``: k mixtures sampled and k fine-tunes vmapped in one
+    jit, scoring off) against k sequential ``finetune`` calls on mixtures of the same size."""
     import jax
+    import jax.numpy as jnp
 
-    from duet_jax.train import TrainConfig, finetune, finetune_many, trunk_hidden
+    from duet_jax.loop.local_step import local_program
+    from duet_jax.train import TrainConfig, finetune, num_steps, trunk_hidden
 
-    g, lora, frozen, start = _with_lora(s.model, ATTN, last_layers)
+    g, lora, frozen, start = with_lora(s.model, ATTN, last_layers)
     pool = s.pool.with_hidden(trunk_hidden(g, lora, frozen, s.pool, start=start))
     M = len(pool)
     tc = TrainConfig(epochs=1, batch_size=batch, learning_rate=2e-4)
+    steps = num_steps(tc, M)
+    weights, domain_of = jnp.ones((M,), jnp.float32), jnp.zeros((M,), jnp.int32)
+    counts = jnp.asarray([M], jnp.int32)
     rng = np.random.default_rng(0)
     idx = np.stack([rng.integers(0, M, M) for _ in range(k)]).astype(np.int32)  # k mixtures of M
     c = iter(range(1, 10_000))
 
-    def many():
-        keys = jax.random.split(jax.random.key(next(c)), k)
-        finetune_many(g, lora, frozen, pool, idx, keys, tc, start=start)
+    def run_program():
+        out = local_program(g, lora, frozen, pool, weights, domain_of, counts, jax.random.key(next(c)), None,
+                            train_config=tc, steps=steps, start=int(start), k=k, budget=M, n_domains=1,
+                            replace=True, score=False)
+        jax.block_until_ready(out[2].losses)
 
     def seq():
         keys = jax.random.split(jax.random.key(next(c)), k)
         for j in range(k):
-            finetune(g, lora, frozen, pool, idx[j], keys[j], tc, start=start)
+            jax.block_until_ready(finetune(g, lora, frozen, pool, idx[j], keys[j], tc, start=start).losses)
 
-    t0 = _now()
-    many()
-    compile_many = _now() - t0
-    t0 = _now()
+    t0 = now()
+    run_program()
+    compile_many = now() - t0
+    t0 = now()
     seq()
-    compile_seq = _now() - t0
-    many_s, seq_s, to, tp = _alternate(many, seq, repeats)
-    return _case(f"k{k}_vmapped", k * M, many_s, k * M, seq_s, k=k, examples=M, start=start,
-                 peer="4 sequential duet-jax finetune calls" if k == 4 else f"{k} sequential finetune calls",
-                 compile_s=compile_many, peer_compile_s=compile_seq, ours_reps_s=to, peer_reps_s=tp)
+    compile_seq = now() - t0
+    times = alternate({"ours": run_program, "seq": seq}, repeats)
+    cfg = s.cfg
+    fl = k * train_flops(cfg, rows=steps * batch, seq=pool.length, head_positions=steps * batch * pool.answer_slots,
+                         start=start, first_trained=start, lora_layers=last_layers) / 1e9
+    (ms, mreps), (ss, sreps) = times["ours"], times["seq"]
+    name = f"sequential_{k}_finetune"
+    return {"name": f"k{k}_vmapped", "legacy": name,
+            "ours": side(k * M / ms, seconds=ms, gflops=fl, reps_s=mreps, compile_s=compile_many,
+                         what=f"local_program: {k} mixtures sampled + {k} vmapped fine-tunes in one jit"),
+            "peers": {name: side(k * M / ss, seconds=ss, gflops=fl, reps_s=sreps, compile_s=compile_seq,
+                                 what=f"{k} sequential duet_jax.train.finetune calls (ours)")},
+            "extra": dict(k=k, examples=M, start=start, compile_s=compile_many, peer_compile_s=compile_seq,
+                          ours_reps_s=mreps, peer_reps_s=sreps,
+                          peer=f"{k} sequential duet-jax finetune calls")}
 
 
-def _eval_case(s: _Setup, *, batch, repeats, peer, peak_fn, last_layers=4):
+def _eval_case(s: _Setup, *, batch, repeats, peers, last_layers=4) -> dict:
     import jax
 
     from duet_jax.train import row_scores, trunk_hidden
 
     cfg = s.cfg
-    g, lora, frozen, _ = _with_lora(s.model, ATTN, None)
+    g, lora, frozen, _ = with_lora(s.model, ATTN, None)
     M = len(s.pool)
-    t0 = _now()
+    t0 = now()
     nll, cnt, ll = jax.block_until_ready(row_scores(g, lora, frozen, s.pool, batch_size=16))
-    compile_s = _now() - t0
-    ours = lambda: jax.block_until_ready(row_scores(g, lora, frozen, s.pool, batch_size=16))
-    peer_fn, extra = None, {}
-    if peer:
-        pm = _peer_model(cfg, s.weights, None)
-        p_ll, p_nll = _peer_eval(pm, s.tok_split, s.seq_len, batch)  # warm-up + check
-        extra.update(max_abs_loglik_diff=float(np.abs(p_ll - np.asarray(ll)).max()),
-                     max_abs_nll_diff=float(np.abs(p_nll - np.asarray(nll)).max()))
-        peer_fn = lambda: _peer_eval(pm, s.tok_split, s.seq_len, batch)
-    ours_s, peer_s, to, tp = _alternate(ours, peer_fn, repeats)
+    compile_s = now() - t0
+    fns = {"ours": lambda: jax.block_until_ready(row_scores(g, lora, frozen, s.pool, batch_size=16))}
+    extra, blens = {}, {}
+    if peers:
+        pm = peer_model(cfg, s.weights, None)
+        for pname in peers:
+            padding = PEERS[pname][0]
+            p_ll, p_nll, blens[pname] = _peer_eval(pm, s.tok_split, s.seq_len, batch, padding)  # warm-up + check
+            extra[f"{pname}_max_abs_loglik_diff"] = float(np.abs(p_ll - np.asarray(ll)).max())
+            extra[f"{pname}_max_abs_nll_diff"] = float(np.abs(p_nll - np.asarray(nll)).max())
+            fns[pname] = lambda padding=padding: _peer_eval(pm, s.tok_split, s.seq_len, batch, padding)
+        if "peft_fixed" in peers:
+            extra.update(max_abs_loglik_diff=extra["peft_fixed_max_abs_loglik_diff"],
+                         max_abs_nll_diff=extra["peft_fixed_max_abs_nll_diff"])
+    times = alternate(fns, repeats)
     T, K = s.pool.length, int(np.asarray(cnt).sum() + 0)
     flat = int(((np.asarray(s.pool.loss_mask) + np.asarray(s.pool.score_mask)) > 0).sum())
     heads = -(-flat // 256) * 256
     nb = -(-M // 16)
-    peak = peak_fn()
     ours_fl = train_flops(cfg, rows=nb * 16, seq=T, head_positions=heads, first_trained=None,
                           lora_layers=cfg.num_layers)
-    extra.update(examples=M, ours_seq=T, ours_head_positions=heads, compile_s=compile_s,
-                 ours_reps_s=to, ours_gflops=ours_fl / 1e9,
-                 ours_fraction_of_matmul_peak=ours_fl / ours_s / 1e9 / peak, loss_tokens=K)
+    ours_s, oreps = times["ours"]
+    psides = {}
+    for pname in peers:
+        ps, preps = times[pname]
+        fl = sum(train_flops(cfg, rows=batch, seq=L, head_positions=batch * L, first_trained=None,
+                             lora_layers=cfg.num_layers) for L in blens[pname])
+        psides[pname] = side(M / ps, seconds=ps, gflops=fl / 1e9, reps_s=preps, batch_lengths=blens[pname],
+                             what=f"PEFT forward, full logits, {PEERS[pname][0]} padding")
     # the frozen-trunk variant DUET uses for its evaluation sets (trunk cached once per run)
-    g4, lora4, frozen4, start = _with_lora(s.model, ATTN, last_layers)
+    g4, lora4, frozen4, start = with_lora(s.model, ATTN, last_layers)
     cached = s.pool.with_hidden(trunk_hidden(g4, lora4, frozen4, s.pool, start=start))
     f4 = lambda: jax.block_until_ready(row_scores(g4, lora4, frozen4, cached, start=start, batch_size=16))
     f4()
-    t4 = float(np.median([(lambda t0: (f4(), _now() - t0)[1])(_now()) for _ in range(repeats)]))
-    extra.update(ours_frozen_trunk_examples_per_s=M / t4, frozen_trunk_start=start)
-    if peer:
-        nbp = -(-M // batch)
-        peer_fl = train_flops(cfg, rows=nbp * batch, seq=s.seq_len, head_positions=nbp * batch * s.seq_len,
-                              first_trained=None, lora_layers=cfg.num_layers)
-        extra.update(peer_seq=s.seq_len, peer_batch=batch, peer_reps_s=tp, peer_gflops=peer_fl / 1e9,
-                     peer_fraction_of_matmul_peak=peer_fl / peer_s / 1e9 / peak)
-    return _case("eval_loglik", M, ours_s, M if peer else None, peer_s, **extra)
+    t4, _ = alternate({"f4": f4}, repeats)["f4"]
+    extra.update(examples=M, ours_seq=T, ours_head_positions=heads, compile_s=compile_s, ours_reps_s=oreps,
+                 ours_gflops=ours_fl / 1e9, loss_tokens=K, ours_frozen_trunk_examples_per_s=M / t4,
+                 frozen_trunk_start=start)
+    if "peft_fixed" in psides:
+        extra.update(peer_seq=s.seq_len, peer_batch=batch, peer_reps_s=psides["peft_fixed"]["reps_s"],
+                     peer_gflops=psides["peft_fixed"]["gflops"])
+    return {"name": "eval_loglik", "ours": side(M / ours_s, seconds=ours_s, gflops=ours_fl / 1e9, reps_s=oreps,
+                                                 what="duet_jax.train.row_scores (full model)"),
+            "peers": psides, "extra": extra}
 
 
 # ------------------------------------------------------------------------------------ peak RSS
-def _proc_status_mib(field: str) -> float | None:
-    """``field`` (e.g. ``VmHWM``) of /proc/self/status in MiB, or None where there is none."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _vm_hwm_mib() -> float:
-    hwm = _proc_status_mib("VmHWM")
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if hwm is None else hwm
-
-
-def _vm_rss_mib() -> float | None:
-    return _proc_status_mib("VmRSS")
-
-
-def _rss_child(side: str, model_dir: str, ids_path: str, seq: int, batch: int, steps: int,
+def _rss_child(side_: str, model_dir: str, ids_path: str, seq: int, batch: int, steps: int,
                remat: bool = False) -> None:
     """Run in a fresh interpreter: load, fine-tune ``steps`` steps at ``batch x seq``, print JSON.
 
-    Ours records ``stages``: ``[name, VmRSS, VmHWM]`` in MiB after the imports, the model load, the
-    pool, attaching the adapter, the ahead-of-time compile of the training program (which
-    ``finetune`` then reuses: ``compiles`` counts the programs in ``finetune``'s jit cache) and the
-    run; and the compiled program's own accounting (``compiled_*_mib``: arguments = the weights,
-    temp = activations and workspace)."""
+    ``side_``: ``ours`` or a :data:`PEERS` name. Ours records ``stages``: ``[name, VmRSS, VmHWM]``
+    in MiB after the imports, the model load, the pool, attaching the adapter, the ahead-of-time
+    compile of the training program (which ``finetune`` then reuses: ``compiles`` counts the
+    programs in ``finetune``'s jit cache) and the run; and the compiled program's own accounting
+    (``compiled_*_mib``: arguments = the weights, temp = activations and workspace)."""
     arr = np.load(ids_path)
-    out = {"side": side}
-    if side == "ours":
+    out = {"side": side_}
+    if side_ == "ours":
         stages = []
-        stage = lambda name: stages.append([name, _vm_rss_mib(), _vm_hwm_mib()])
+        stage = lambda name: stages.append([name, rss_mib(), peak_rss_mib()])
         import jax
 
         from duet_jax.data.encode import TokenizedSplit
@@ -462,14 +465,14 @@ def _rss_child(side: str, model_dir: str, ids_path: str, seq: int, batch: int, s
 
         stage("imports")
         model = load_model(model_dir)
-        out["after_load_mib"] = _vm_hwm_mib()
+        out["after_load_mib"] = peak_rss_mib()
         stage("load_model")
         t = TokenizedSplit(arr["input_ids"], arr["loss_mask"], arr["lengths"], arr["prompt_lengths"],
                            arr["answer_lengths"], tuple(str(i) for i in range(len(arr["lengths"]))),
                            (seq,), (), 0, int(arr["pad_id"]))
         pool, _ = build_pool(t, length=seq)
         stage("build_pool")
-        g, lora, frozen, _ = _with_lora(model, ATTN, None)
+        g, lora, frozen, _ = with_lora(model, ATTN, None)
         del model
         stage("add_lora")
         cfg = TrainConfig(steps=steps, batch_size=batch, remat=remat)
@@ -477,7 +480,7 @@ def _rss_child(side: str, model_dir: str, ids_path: str, seq: int, batch: int, s
         idx = jax.numpy.arange(len(pool), dtype=jax.numpy.int32)
         compiled = trainer._finetune_jit.lower(g, lora, frozen, pool, idx, jax.random.key(0), config=cfg,
                                                steps=steps, start=0).compile()
-        out["after_compile_mib"] = _vm_hwm_mib()
+        out["after_compile_mib"] = peak_rss_mib()
         stage("compile")
         try:
             ma = compiled.memory_analysis()
@@ -487,45 +490,42 @@ def _rss_child(side: str, model_dir: str, ids_path: str, seq: int, batch: int, s
         except Exception:  # not every backend reports it
             pass
         del compiled
-        t0 = _now()
+        t0 = now()
         r = finetune(g, lora, frozen, pool, np.arange(len(pool), dtype=np.int32), jax.random.key(0),
                      cfg, start=0)
         np.asarray(r.losses)
-        out["seconds_incl_compile"] = _now() - t0
+        out["seconds_incl_compile"] = now() - t0
         stage("finetune")
         out["compiles"] = trainer._finetune_jit._cache_size()
         out["losses"] = np.asarray(r.losses).tolist()
         out["pool_seq"] = pool.length
         out["stages"] = stages
     else:
+        import peft
         import torch
         import transformers
 
         tm = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        out["after_load_mib"] = _vm_hwm_mib()
-        import peft
-
+        out["after_load_mib"] = peak_rss_mib()
         pm = peft.get_peft_model(tm, peft.LoraConfig(
             r=8, lora_alpha=16, lora_dropout=0.0, target_modules=[f"{x}_proj" for x in ATTN],
             task_type="CAUSAL_LM"))
         ids = torch.from_numpy(arr["input_ids"][:, :seq].astype(np.int64))
-        att = (torch.arange(seq)[None] < torch.from_numpy(arr["lengths"].astype(np.int64))[:, None]).long()
+        lengths = np.minimum(arr["lengths"], seq).astype(np.int64)
+        att = (torch.arange(seq)[None] < torch.from_numpy(lengths)[:, None]).long()
         labels = torch.where(torch.from_numpy(arr["loss_mask"][:, :seq].astype(bool)), ids, -100)
-        params = [p for p in pm.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=2e-4)
-        t0 = _now()
-        for s in range(steps):
-            r = slice((s * batch) % len(ids), (s * batch) % len(ids) + batch)
-            pm(input_ids=ids[r], attention_mask=att[r], labels=labels[r]).loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        out["seconds_incl_compile"] = _now() - t0
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RSS_JSON " + json.dumps(out), flush=True)
+        padding, group = PEERS[side_]
+        pt = _PeerTrainer(pm, (ids, att, labels), lengths, batch, steps * batch, padding=padding,
+                          group_by_length=group)
+        t0 = now()
+        out["losses"] = pt.epoch()
+        out["seconds_incl_compile"] = now() - t0
+        out["batch_lengths"] = pt.batch_lengths
+    out["peak_rss_mib"] = peak_rss_mib()
+    emit("RSS_JSON", out)
 
 
-def _rss_case(s_model, tokenizer, examples, *, seq, batch, steps, peer, remat=False):
+def _rss_case(s_model, tokenizer, examples, *, seq, batch, steps, peers, remat=False) -> dict:
     from duet_jax.data import EncodeConfig, encode_examples
     from duet_jax.models import save_hf
 
@@ -536,117 +536,105 @@ def _rss_case(s_model, tokenizer, examples, *, seq, batch, steps, peer, remat=Fa
         ids_path = os.path.join(d, "ids.npz")
         np.savez(ids_path, input_ids=t.input_ids, loss_mask=t.loss_mask, lengths=t.lengths,
                  prompt_lengths=t.prompt_lengths, answer_lengths=t.answer_lengths, pad_id=t.pad_id)
-        for side in (("ours", "peer") if peer else ("ours",)):
-            code = (f"from duet_jax.bench.finetune import _rss_child; _rss_child({side!r}, "
-                    f"{os.path.join(d, 'model')!r}, {ids_path!r}, {seq}, {batch}, {steps}, {remat!r})")
-            p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-            line = [x for x in p.stdout.splitlines() if x.startswith("RSS_JSON ")]
-            if p.returncode != 0 or not line:
-                res[side] = {"error": (p.stderr or p.stdout)[-2000:]}
-            else:
-                res[side] = json.loads(line[-1][len("RSS_JSON "):])
-    o, pe = res.get("ours", {}), res.get("peer", {})
+        for side_ in ("ours", *peers):
+            res[side_] = run_child("duet_jax.bench.finetune", "_rss_child",
+                                   (side_, os.path.join(d, "model"), ids_path, seq, batch, steps, remat), "RSS_JSON")
+    o = res["ours"]
     n = steps * batch
-    c = _case("peak_rss", n, o.get("seconds_incl_compile"), n if pe.get("seconds_incl_compile") else None,
-              pe.get("seconds_incl_compile"), seq=seq, batch=batch, steps=steps,
-              ours_peak_rss_mib=o.get("peak_rss_mib"), ours_after_load_mib=o.get("after_load_mib"),
-              ours_after_compile_mib=o.get("after_compile_mib"), ours_stages=o.get("stages"),
-              ours_compiled_temp_mib=o.get("compiled_temp_mib"),
-              ours_compiled_argument_mib=o.get("compiled_argument_mib"),
-              ours_compiles=o.get("compiles"), ours_losses=o.get("losses"),
-              peer_peak_rss_mib=pe.get("peak_rss_mib"), peer_after_load_mib=pe.get("after_load_mib"),
-              goal_mib=4096, ours_meets_goal=(o.get("peak_rss_mib") or 1e18) < 4096, remat=remat,
-              note="examples/s here are steps x batch over the time of the timed call (ours: a "
-                   "cached-compile call, peer: the first steps); memory is the point of this case")
-    for side in ("ours", "peer"):
-        if "error" in res.get(side, {}):
-            c[f"{side}_error"] = res[side]["error"]
-    return c
+    rate = lambda r: n / r["seconds_incl_compile"] if r.get("seconds_incl_compile") else None
+    psides = {p: side(rate(res[p]), seconds=res[p].get("seconds_incl_compile"), peak_rss_mib=res[p].get("peak_rss_mib"),
+                      after_load_mib=res[p].get("after_load_mib"), batch_lengths=res[p].get("batch_lengths"),
+                      what=f"PEFT, {PEERS[p][0]} padding, first {steps} steps") for p in peers}
+    extra = dict(seq=seq, batch=batch, steps=steps, examples=n,
+                 ours_peak_rss_mib=o.get("peak_rss_mib"), ours_after_load_mib=o.get("after_load_mib"),
+                 ours_after_compile_mib=o.get("after_compile_mib"), ours_stages=o.get("stages"),
+                 ours_compiled_temp_mib=o.get("compiled_temp_mib"),
+                 ours_compiled_argument_mib=o.get("compiled_argument_mib"),
+                 ours_compiles=o.get("compiles"), ours_losses=o.get("losses"),
+                 goal_mib=4096, ours_meets_goal=(o.get("peak_rss_mib") or 1e18) < 4096, remat=remat,
+                 note="memory is the point of this case; examples/s here are steps x batch over the time of "
+                      "the call (ours: a cached-compile call, peers: the first steps), so their fractions of "
+                      "the matmul peak are not computed")
+    for p in peers:
+        extra[f"{p}_peak_rss_mib"] = res[p].get("peak_rss_mib")
+    if "peft_fixed" in peers:
+        extra.update(peer_peak_rss_mib=res["peft_fixed"].get("peak_rss_mib"),
+                     peer_after_load_mib=res["peft_fixed"].get("after_load_mib"))
+    mems = {p: res[p].get("peak_rss_mib") for p in peers if res[p].get("peak_rss_mib")}
+    extra["lowest_memory_peer"] = min(mems, key=mems.get) if mems else None
+    for side_, r in res.items():
+        if "error" in r:
+            extra[f"{side_}_error"] = r["error"]
+    ours_side = side(rate(o), seconds=o.get("seconds_incl_compile"), peak_rss_mib=o.get("peak_rss_mib"),
+                     what="duet_jax.train.finetune in a fresh process")
+    return {"name": "peak_rss", "ours": ours_side, "peers": psides, "extra": extra}
 
 
 # ------------------------------------------------------------------------------------ run
 def run(model_spec: str = "smollm2-135m-instruct", *, domain: str = "arc_easy", quick: bool = False,
         examples: int | None = None, seq_len: int | None = None, batch: int = 8,
         repeats: int | None = None, last_layers: int = 4, k: int = 4, rss_seq_len: int = 256,
-        cases=CASES, peer: bool = True, matmul_n: int = 2048, model=None, tokenizer=None, example_list=None,
-        progress=None, remat: bool = False) -> dict:
+        cases=CASES, peer: bool = True, peers=tuple(PEERS), matmul_n: int = 2048, model=None,
+        tokenizer=None, example_list=None, progress=None, remat: bool = False) -> dict:
     """Run the cases; returns ``{"cases": [...], ...settings}``. ``model`` / ``tokenizer`` /
     ``example_list`` override the spec (tests pass a tiny random model)."""
-    import jax
-
     say = progress or (lambda msg: None)
     n = examples or (16 if quick else 32)
     seq = seq_len or (64 if quick else 128)
     reps = repeats or 2
     cases = tuple(cases)
-    bad = [c for c in cases if c not in CASES]
+    bad = [c for c in cases if c not in CASES] + [p for p in peers if p not in PEERS]
     if bad:
-        raise ValueError(f"unknown case(s) {bad}; choose from {', '.join(CASES)}")
-    if peer:
-        try:
-            import peft  # noqa: F401
-            import torch
-            import transformers  # noqa: F401
-        except ImportError as e:
-            raise SystemExit(f"the peer needs torch + peft + transformers ({e}); install the bench "
-                             "extra (make bench-setup) or pass --no-peer") from e
-    t0 = _now()
+        raise ValueError(f"unknown case(s) or peer(s) {bad}; cases: {', '.join(CASES)}; peers: {', '.join(PEERS)}")
+    peers = tuple(peers) if peer else ()
+    if peers:
+        require_peer()
+    t0 = now()
     if model is None:
         from duet_jax.models import load_model
         model = load_model(model_spec, dtype="float32")
     if tokenizer is None:
         from duet_jax.data import load_tokenizer
         tokenizer = load_tokenizer(model_spec)
-    exs = example_list if example_list is not None else _examples(domain, n)
-    load_s = _now() - t0
+    exs = example_list if example_list is not None else bench_examples(domain, n)
+    load_s = now() - t0
     s = _Setup(model, tokenizer, exs, seq)
     say(f"setup: {len(s.pool)} examples, pool {len(s.pool)} x {s.pool.length} "
-        f"(answer slots {s.pool.answer_slots}); {100 * s.real_token_fraction:.0f}% of the peer's "
+        f"(answer slots {s.pool.answer_slots}); {100 * s.real_token_fraction:.0f}% of the fixed peer's "
         f"{seq}-token positions are real tokens, {100 * s.answer_fraction:.1f}% carry loss")
-    peaks = [_matmul_peak(matmul_n)]
-    say(f"matmul peak {peaks[0]:.1f} GFLOP/s")
-    peak_fn = lambda: max(peaks)
-    out = []
+    peak = MatmulPeak(matmul_n)
+    say(f"matmul peak {peak.sample():.1f} GFLOP/s")
+    if peers:
+        peak.add(torch_matmul_peak_gflops(matmul_n), "torch")
+    raws, out = [], []
     ll = min(last_layers, model.config.num_layers - 1)
     for name in cases:
-        t1 = _now()
+        t1 = now()
         if name == "full_lora":
-            c = _train_case(name, s, last_layers=None, batch=batch, repeats=reps, peer=peer,
-                            peak_fn=peak_fn, use_trunk=False)
+            r = _train_case(name, s, last_layers=None, batch=batch, repeats=reps, peers=peers, use_trunk=False)
         elif name == "frozen_trunk":
-            c = _train_case(name, s, last_layers=ll, batch=batch, repeats=reps, peer=peer,
-                            peak_fn=peak_fn, use_trunk=True)
+            r = _train_case(name, s, last_layers=ll, batch=batch, repeats=reps, peers=peers, use_trunk=True)
         elif name == "k4_vmapped":
-            c = _k_case(s, last_layers=ll, batch=batch, repeats=reps, k=k, peak_fn=peak_fn)
+            r = _k_case(s, last_layers=ll, batch=batch, repeats=reps, k=k)
         elif name == "eval_loglik":
-            c = _eval_case(s, batch=batch, repeats=reps, peer=peer, peak_fn=peak_fn, last_layers=ll)
+            r = _eval_case(s, batch=batch, repeats=reps, peers=peers, last_layers=ll)
         else:
-            c = _rss_case(model, tokenizer, exs, seq=rss_seq_len, batch=batch,
-                          steps=1 if quick else 2, peer=peer, remat=remat)
-        c["case_wall_s"] = _now() - t1
+            r = _rss_case(model, tokenizer, exs, seq=rss_seq_len, batch=batch, steps=1 if quick else 2,
+                          peers=peers, remat=remat)
+        r["extra"]["case_wall_s"] = now() - t1
+        raws.append(r)
+        c = _finish(r, peak.peak)
         out.append(c)
         say(_line(c))
-    peaks.append(_matmul_peak(matmul_n))
-    peak = max(peaks)
-    for c in out:  # re-express every fraction against the final (largest) peak
-        for side in ("ours", "peer"):
-            gf, sec = c.get(f"{side}_gflops"), c.get(f"{side}_s")
-            if gf and sec:
-                c[f"{side}_fraction_of_matmul_peak"] = gf / sec / peak
+    peak.sample()
+    out = [_finish(r, peak.peak) for r in raws]  # every fraction against the final (largest) peak
     info = {"model": model_spec if example_list is None else "custom", "domain": domain,
             "examples": len(s.pool), "seq_len": seq, "batch": batch, "repeats": reps, "quick": quick,
-            "matmul_peak_gflops": peak, "matmul_peak_samples_gflops": peaks,
-            "real_token_fraction": s.real_token_fraction, "loss_token_fraction": s.answer_fraction,
-            "device": str(jax.devices()[0]), "cpu_count": os.cpu_count(),
-            "machine": platform.machine(), "load_s": load_s}
-    if peer:
-        import peft
-        import torch
-        import transformers
-        info["peer"] = (f"transformers {transformers.__version__} / peft {peft.__version__} / "
-                        f"torch {torch.__version__}")
-        info["torch_threads"] = torch.get_num_threads()
+            "peers": list(peers), **peak.info(), "real_token_fraction": s.real_token_fraction,
+            "loss_token_fraction": s.answer_fraction, **machine_info(), "load_s": load_s,
+            "load_average_end": load_average()}
+    if peers:
+        info.update(peer_versions())
     return {"cases": out, **info}
 
 
@@ -655,19 +643,25 @@ def _fmt(x, spec=".2f"):
 
 
 def _line(c) -> str:
-    s = (f"{c['name']:<13} ours {_fmt(c['ours_examples_per_s'], '8.2f')} ex/s   peer "
-         f"{_fmt(c['peer_examples_per_s'], '8.2f')} ex/s   ratio {_fmt(c['ratio'])}x")
-    if "ours_fraction_of_matmul_peak" in c:
-        s += f"   ours {100 * c['ours_fraction_of_matmul_peak']:.0f}% of peak"
-    if c.get("peer_fraction_of_matmul_peak") is not None:
-        s += f", peer {100 * c['peer_fraction_of_matmul_peak']:.0f}%"
+    o = c["ours"]
+    s = f"{c['name']:<13} ours {_fmt(o['examples_per_s'], '8.2f')} ex/s"
+    if o.get("fraction_of_matmul_peak") is not None:
+        s += f" ({100 * o['fraction_of_matmul_peak']:.0f}% of peak)"
+    for k, p in c["peers"].items():
+        s += f"   {k} {_fmt(p['examples_per_s'], '.2f')} ex/s"
+        if p.get("fraction_of_matmul_peak") is not None:
+            s += f" ({100 * p['fraction_of_matmul_peak']:.0f}%)"
+    if c["strongest_peer"]:
+        s += f"   vs strongest ({c['strongest_peer']}) {_fmt(c['ratio_vs_strongest'])}x"
     if c.get("ratio_with_trunk") is not None:
         s += f"   (with the trunk pass: {c['ratio_with_trunk']:.2f}x, trunk {c['trunk_s']:.1f} s)"
     if c["name"] == "peak_rss":
-        s += (f"   peak RSS ours {_fmt(c.get('ours_peak_rss_mib'), '.0f')} MiB, peer "
-              f"{_fmt(c.get('peer_peak_rss_mib'), '.0f')} MiB (goal < 4096)")
-    if "max_abs_loglik_diff" in c:
-        s += f"   max |loglik diff| {c['max_abs_loglik_diff']:.1e}"
+        s += (f"   peak RSS ours {_fmt(c.get('ours_peak_rss_mib'), '.0f')} MiB, "
+              + ", ".join(f"{k} {_fmt(p.get('peak_rss_mib'), '.0f')} MiB" for k, p in c["peers"].items())
+              + " (goal < 4096)")
+    for k in c["peers"]:
+        if f"{k}_max_abs_loglik_diff" in c:
+            s += f"   {k} max |loglik diff| {c[f'{k}_max_abs_loglik_diff']:.1e}"
     return s
 
 
@@ -677,12 +671,12 @@ def main(args) -> int:
             seq_len=args.seq_len, batch=args.batch, repeats=args.repeats,
             last_layers=args.last_layers, k=args.k, rss_seq_len=args.rss_seq_len,
             cases=[c.strip() for c in args.cases.split(",") if c.strip()], peer=not args.no_peer,
-            progress=progress, remat=args.remat)
+            peers=[p.strip() for p in args.peers.split(",") if p.strip()], progress=progress, remat=args.remat)
     if args.json:
         info = {k: v for k, v in r.items() if k != "cases"}
         print(json.dumps([{**c, "run": info} for c in r["cases"]]))
         return 0
-    print(f"{r['model']} on {r['domain']}: {r['examples']} examples, peer batches {r['batch']} x "
+    print(f"{r['model']} on {r['domain']}: {r['examples']} examples, fixed peer batches {r['batch']} x "
           f"{r['seq_len']}, {r['device']}, {r['cpu_count']} CPUs, matmul peak "
           f"{r['matmul_peak_gflops']:.1f} GFLOP/s; {r.get('peer', 'no peer')}")
     for c in r["cases"]:

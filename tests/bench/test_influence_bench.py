@@ -1,7 +1,10 @@
-"""``duet-jax bench influence``'s SmolLM2 LoRA case on a tiny random Llama (no timing assertions),
-the length-bucketed featurize, and the bounded memory of the projectors at P > 10M."""
+"""``duet-jax bench influence``'s SmolLM2 LoRA case on a tiny random Llama (no timing assertions):
+ours is the run's featurize step, the peers (torch.func vmap, LESS's batch-1 loop, three
+projections) compute the same gradients, every case names its strongest peer; the length-bucketed
+featurize, and the bounded memory of the projectors at P > 10M."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +26,21 @@ def _setup(n=8):
     return model, tok, exs
 
 
+def _check_cases(r, peers: bool):
+    for c in r["cases"]:
+        assert {"ours", "peers", "strongest_peer", "ratio_vs_strongest", "ratios"} <= set(c), c["name"]
+        assert c["ours"]["examples_per_s"] > 0 and c["ours"]["fraction_of_matmul_peak"] > 0, c["name"]
+        if peers:
+            assert c["strongest_peer"] in c["peers"] and c["ratio_vs_strongest"] > 0, c["name"]
+            for k, p in c["peers"].items():
+                assert p["examples_per_s"] > 0 and p["fraction_of_matmul_peak"] > 0, (c["name"], k)
+            best = max((p["examples_per_s"], k) for k, p in c["peers"].items() if p.get("feasible", True))[1]
+            assert c["strongest_peer"] == best
+        else:
+            assert c["strongest_peer"] is None and c["ratio_vs_strongest"] is None
+    json.dumps(r)
+
+
 def test_bucketed_featurize_equals_full_length():
     from duet_jax.influence import InfluenceScorer
     from duet_jax.influence.domains import example_loss_fn, featurize_pool, length_chunks
@@ -41,16 +59,65 @@ def test_bucketed_featurize_equals_full_length():
     np.testing.assert_allclose(bucketed, full, rtol=1e-4, atol=1e-5 * np.abs(full).max())
 
 
+def test_bench_featurize_is_the_runs(tmp_path):
+    """``run_scorer`` + ``run_featurize`` give the features ``domain_influence`` stores for a
+    domain (the proxy fine-tune at a learning rate of 1e-30 leaves the adapter as it was)."""
+    from duet_jax.bench.common import nonzero_b, with_lora
+    from duet_jax.influence.domains import InfluenceConfig, domain_influence
+    from duet_jax.influence.store import FeatureStore
+    from duet_jax.train import TrainConfig, build_pool
+
+    model, tok, exs = _setup(8)
+    case = bench._LlamaCase(model, tok, exs, seq_len=64)
+    pool, _ = build_pool(case.tok, length=64)
+    g, lora, frozen, _ = with_lora(model)
+    lora = nonzero_b(lora)
+    icfg = InfluenceConfig(proj_dim=32, projector="sjlt", chunk_size=4, proxy_examples=8, validation_examples=2)
+    n = len(pool)
+    domain_influence(graphdef=g, lora0=lora, frozen=frozen, start=0, pool=pool, domain_of=np.zeros(n, np.int32),
+                     val_pool=pool, val_domain_of=np.zeros(n, np.int32), names=["d"],
+                     example_ids=[e.id for e in exs], base_model_id="tiny",
+                     train_config=TrainConfig(batch_size=4, learning_rate=1e-30), config=icfg,
+                     buckets=case.buckets, store_root=tmp_path / "run")
+    with open(tmp_path / "run" / "d" / "header.json") as f:
+        header = json.load(f)
+    run_feats, run_ok = FeatureStore(str(tmp_path / "run" / "d"), header).load()
+
+    scorer = bench.run_scorer(g, 0, icfg)
+    for key in ("projector", "proj_dim", "seed", "curvature", "damping"):
+        assert header["metadata"][key] == scorer.metadata()[key], key
+    order = np.argsort(np.asarray(pool.attention_mask).sum(1), kind="stable")
+    examples = jax.tree.map(lambda a: np.asarray(a)[order], pool)
+    lengths = []
+    feats, ok = bench.run_featurize(scorer, lora, examples, frozen, chunk_size=icfg.chunk_size,
+                                    buckets=case.buckets, store_dir=str(tmp_path / "bench"),
+                                    on_trim=lambda t: lengths.append(t.length))
+    assert ok.all() and run_ok.all() and np.abs(feats).max() > 0
+    assert lengths and all(L in case.buckets for L in lengths)
+    np.testing.assert_allclose(feats, run_feats, rtol=1e-4, atol=1e-5 * np.abs(run_feats).max())
+
+
+def test_the_configured_projector_reaches_the_featurizer():
+    from duet_jax.influence.domains import InfluenceConfig
+
+    model, tok, exs = _setup(2)
+    case = bench._LlamaCase(model, tok, exs, seq_len=64)
+    for name in ("sjlt", "chunked", "dense"):
+        s = bench.run_scorer(case.g, 0, InfluenceConfig(projector=name, proj_dim=16))
+        assert s.options.projector == name and s.projector_for(case.lora).name == name
+
+
 def test_llama_case_ours_only():
     model, tok, exs = _setup()
     r = bench.run_llama(model=model, tokenizer=tok, example_list=exs, seq_len=64, proj_dim=64,
-                        batch_size=4, repeats=1, peer=False, large_p=None, matmul_n=128,
-                        projection=False)
+                        chunk_size=4, repeats=1, peer=False, large_p=None, matmul_n=128)
     assert r["ours_examples_per_s"] > 0 and r["ratio"] is None
     assert r["ours"]["feature_shape"] == [8, 64] and r["ours"]["valid"] == 8
+    assert r["ours"]["vmapped_rows"] == 4 and len(r["ours"]["chunk_lengths"]) == 2
     assert r["num_params"] == 3 * 8 * (48 + 48 + 48 + 16 + 48 + 16 + 48 + 48)  # q,k,v,o: r(in + out)
-    assert "ours:" in bench._llama_summary(r)
-    json.dumps(r)
+    assert [c["name"] for c in r["cases"]] == ["featurize", "projection"]
+    _check_cases(r, peers=False)
+    assert "featurize: ours" in bench._llama_summary(r)
 
 
 def test_projectors_never_form_p_by_k_at_12m():
@@ -66,18 +133,39 @@ def test_projectors_never_form_p_by_k_at_12m():
 
 
 @pytest.mark.bench_peer
-def test_peer_gradients_equal_ours_on_a_tiny_model():
+def test_every_peer_computes_our_gradients_on_a_tiny_model():
     pytest.importorskip("torch")
     pytest.importorskip("peft")
     pytest.importorskip("transformers")
     model, tok, exs = _setup()
     r = bench.run_llama(model=model, tokenizer=tok, example_list=exs, seq_len=64, proj_dim=64,
-                        batch_size=4, repeats=1, project_every=4, peer=True, large_p=None, matmul_n=128,
-                        projection=False)
-    c = r["check"]
-    assert len(c["grad_cosine"]) == 2 and min(c["grad_cosine"]) > 0.9999, c
-    assert max(c["grad_rel_diff"]) < 1e-3, c
-    assert c["max_abs_loss_diff"] < 1e-4, c
-    assert r["ratio"] > 0 and r["peer_grad_only_examples_per_s"] > 0
-    assert "gradient cosine" in bench._llama_summary(r)
+                        chunk_size=4, batch_size=4, repeats=1, project_every=4, peer=True, large_p=None,
+                        matmul_n=128)
+    assert set(r["check"]) == {"vmap", "loop"}
+    for kind, c in r["check"].items():
+        assert len(c["grad_cosine"]) == 2 and min(c["grad_cosine"]) > 0.9999, (kind, c)
+        assert max(c["grad_rel_diff"]) < 1e-3, (kind, c)
+        assert c["max_abs_loss_diff"] < 1e-4, (kind, c)
+    loop = r["peer"]["grads"]["loop"]
+    # LESS's loop: SDPA with is_causal and no mask, at each example's real length
+    assert loop["sdpa_calls_in_one_example"]["causal_no_mask"] > 0, loop
+    assert loop["sdpa_calls_in_one_example"]["masked"] == 0, loop
+    assert loop["mean_length"] < 64
+    f = r["cases"][0]
+    assert set(f["peers"]) == {f"{g}+{p}" for g in bench.GRADS for p in bench.PROJECTIONS}
+    assert all(p["feasible"] for p in f["peers"].values())  # P x k is small here: the matrix is kept
+    assert set(r["cases"][1]["peers"]) == set(bench.PROJECTIONS)
+    _check_cases(r, peers=True)
+    assert r["strongest_peer"] == f["strongest_peer"] and r["ratio"] > 0
+    assert "strongest peer" in bench._llama_summary(r) and "check vs loop" in bench._llama_summary(r)
+
+
+@pytest.mark.bench_peer
+def test_quick_mlp_case_names_its_strongest_peer():
+    pytest.importorskip("torch")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    r = bench.run(quick=True, proj_dim=64)
+    c = r["cases"][0]
+    assert c["strongest_peer"] in c["peers"] and c["ratio_vs_strongest"] > 0
+    assert {"vmap+trak", "loop+sjlt"} <= set(c["peers"])
     json.dumps(r)
