@@ -279,6 +279,36 @@ def methods_section(results: Path) -> list[str]:
     return out
 
 
+def ablations_section(results: Path) -> tuple[list[str], bool]:
+    """Runs keyed ``METHOD@ABLATION`` against their plain METHOD, seed by seed."""
+    from experiments.settings import ABLATIONS
+
+    runs = _runs(results)
+    out = ["## 3. Ablations", "",
+           "A run `METHOD@NAME` is METHOD with the overrides `ABLATIONS[NAME]` of `experiments/settings.py` on "
+           "top of the same setting and variant (same feedback budget unless the ablation changes it). *vs "
+           "plain*: the paired per-seed difference of the best feedback against the plain METHOD's run of the "
+           "same seed (rule as in section 2).", ""]
+    any_data = False
+    for st in SETTINGS:
+        keys = sorted(k for k in runs.get(st, {}) if "@" in k)
+        if not keys:
+            continue
+        any_data = True
+        out += [f"### {st}", "", "| run | overrides | seeds | best neg_loss | vs plain (paired) |",
+                "| --- | --- | --- | --- | --- |"]
+        for key in keys:
+            base, abl = key.split("@", 1)
+            a, b = _by_seed(runs[st][key]), _by_seed(runs[st].get(base, []))
+            v, d = _paired(a, b)
+            vs = "no plain run" if not b else (
+                f"{v or 'too few seeds'}: " + ", ".join(f"{x:+.4f}" for x in d) if d else "no common seed")
+            out.append(f"| {key} | `{json.dumps(ABLATIONS.get(abl, {}))}` | {len(a)} | {_pm(list(a.values()))} "
+                       f"| {vs} |")
+        out.append("")
+    return out, any_data
+
+
 def main(argv=None) -> int:
     results = RESULTS
     write_summary(results)
@@ -297,10 +327,16 @@ def main(argv=None) -> int:
               "runner also scores each task alone (`neg_loss:<task>`, `acc:<task>`, and their `:mean`).", ""]
     lines += separation_section(results)
     lines += methods_section(results)
-    lines += ["## 3. Not yet measured", "",
+    abl, have_abl = ablations_section(results)
+    if have_abl:
+        lines += abl
+    lines += ["## 4. Not yet measured", ""]
+    if not have_abl:
+        lines.append(
               "- Ablations (k in {1, 2, 4}; selector IF / UR / RH / LESS beyond the method table; curvature "
               "fisher / cosine / adam; warm-start size; IF temperature; noisy feedback at temperature 0.75 vs "
-              "greedy): not yet measured.",
+              "greedy; `python -m experiments.suite run --methods duet_if@k2,duet_if@k4,...`): not yet measured.")
+    lines += [
               "- The known-optimum setting and the best-of-k error against k (Theorem 3.2): not yet measured.",
               "- Paper-scale configs (Llama-3-8B / Qwen2.5-7B, M = 10,000, T = 10) and their cost per "
               "evaluation on a GPU/TPU: not yet measured.", ""]

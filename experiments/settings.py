@@ -78,6 +78,38 @@ VARIANTS: dict[str, dict] = {
                "train": {"epochs": 3.0}, "feedback": {"examples": 96}},
 }
 
+#: ablations (issue 16): a run key ``METHOD@NAME`` runs METHOD with these overrides on top of the
+#: setting's variant (same number of feedback evaluations as the plain runs unless it says otherwise)
+ABLATIONS: dict[str, dict] = {
+    # best of k mixtures per proposed ratio (the paper's Theorem 3.2): k fine-tunes per evaluation
+    "k2": {"k": 2},
+    "k4": {"k": 4},
+    # the influence curvature (the default is fisher, TRAK's)
+    "cosine": {"influence": {"curvature": "cosine"}},
+    "adam": {"influence": {"curvature": "adam"}},
+    "identity": {"influence": {"curvature": "identity"}},
+    # warm-start size, at the same 16 evaluations
+    "warm2": {"warm_start": 2, "rounds": 14},
+    "warm8": {"warm_start": 8, "rounds": 8},
+    # the IF sampling temperature inside a domain (1.0 is the default)
+    "temp0.5": {"selector": {"if_temperature": 0.5}},
+    "temp2": {"selector": {"if_temperature": 2.0}},
+    # generated-answer feedback: greedy against sampled at temperature 0.75 (noisy, as the paper)
+    "em_greedy": {"feedback": {"metric": "exact_match"}},
+    "em_t0.75": {"feedback": {"metric": "exact_match", "temperature": 0.75}},
+}
+
+
+def split_key(key: str) -> tuple[str, str | None]:
+    """``"duet_if@k2"`` -> ``("duet_if", "k2")``; a plain method -> ``(method, None)``."""
+    from duet_jax.errors import ConfigError
+
+    method, _, abl = key.partition("@")
+    if abl and abl not in ABLATIONS:
+        raise ConfigError(f"unknown ablation {abl!r} in {key!r}; known: {', '.join(ABLATIONS)}")
+    return method, abl or None
+
+
 #: the combined file holds this many evaluation-split examples of each task
 COMBINED_PER_TASK = 250
 
@@ -126,6 +158,7 @@ def run_config(setting: str, method: str, seed: int, variant: str = "demo", *, p
     from duet_jax.config import _merge, preset
 
     spec = SETTINGS[setting]
+    method, abl = split_key(method)
     over = _merge({}, VARIANTS[variant], variant) if VARIANTS[variant] else {}
     over = _merge(over, extra or {}, "extra")
     over.update(method=method, seed=seed, target=spec.target(), domains=list(spec.domains), mode=spec.mode)
@@ -133,4 +166,6 @@ def run_config(setting: str, method: str, seed: int, variant: str = "demo", *, p
         over["rounds"] = rounds
     if warm_start is not None:
         over["warm_start"] = warm_start
+    if abl:  # last: an ablation's own warm start / rounds win over the suite's
+        over = _merge(over, ABLATIONS[abl], abl)
     return preset(preset_name, **over)

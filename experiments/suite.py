@@ -59,9 +59,15 @@ def make_config(setting, method, seed, variant, *, preset_name="demo", warm_star
                 rounds=DEFAULT_ROUNDS, extra=None, scratch: Path | None = None):
     from experiments.settings import run_config
 
+    from experiments.settings import ABLATIONS, split_key
+
     extra = dict(extra or {})
     if scratch is not None:
-        extra["influence_dir"] = str(scratch / "runs" / variant / setting / "influence" / f"seed{seed}")
+        _, abl = split_key(method)
+        # an ablation of the influence step scores into its own store; every other run of the
+        # (setting, seed) shares one
+        tag = f"@{abl}" if abl and "influence" in ABLATIONS[abl] else ""
+        extra["influence_dir"] = str(scratch / "runs" / variant / setting / "influence" / f"seed{seed}{tag}")
         extra.setdefault("trunk_dir", str(scratch / "trunk"))  # one trunk pass per pool, for every run
     return run_config(setting, method, seed, variant, preset_name=preset_name, rounds=rounds,
                       warm_start=warm_start, extra=extra)
@@ -383,7 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
         if many:
             sp.add_argument("--settings", type=_csv, default=list(SETTINGS),
                             help=f"comma-separated ({', '.join(SETTINGS)}; default all)")
-            sp.add_argument("--methods", type=_csv, default=METHODS, help="comma-separated (default all)")
+            sp.add_argument("--methods", type=_csv, default=METHODS,
+                            help="comma-separated (default all); METHOD@ABLATION runs an ablation "
+                                 "(experiments/settings.py ABLATIONS), e.g. duet_if@k2,duet_if@k4")
             sp.add_argument("--seeds", type=lambda s: [int(x) for x in _csv(s)], default=[0, 1, 2])
         sp.add_argument("--variant", default="demo", choices=sorted(VARIANTS))
         sp.add_argument("--preset", default="demo", help="the loop preset the variant starts from")
@@ -403,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     o = sub.add_parser("one", help="one run in this process (what `run` starts per run)")
     common(o, many=False)
     o.add_argument("--setting", required=True, choices=sorted(SETTINGS))
-    o.add_argument("--method", required=True, choices=METHODS)
+    o.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}, or METHOD@ABLATION")
     o.add_argument("--seed", type=int, required=True)
     st = sub.add_parser("status", help="done / partial / left")
     common(st)

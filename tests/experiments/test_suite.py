@@ -72,3 +72,22 @@ def test_paired_verdict_uses_common_seeds_and_the_per_seed_spread():
     assert _paired(b, a)[0] == "loss"
     assert _paired({0: 1.0, 1: 2.0}, {0: 1.5, 1: 1.5})[0] == "tie"  # +-0.5: no consistent sign
     assert _paired({0: 1.0}, {0: 0.0}) == (None, [1.0])  # one common seed: no verdict
+
+
+def test_ablation_keys_override_the_plain_run_and_keep_its_hash(tmp_path):
+    from duet_jax.config import config_hash
+    from duet_jax.errors import ConfigError
+
+    plain = suite.make_config("in_domain", "duet_if", 0, "demo", scratch=tmp_path)
+    k2 = suite.make_config("in_domain", "duet_if@k2", 0, "demo", scratch=tmp_path)
+    cos = suite.make_config("in_domain", "duet_if@cosine", 0, "demo", scratch=tmp_path)
+    warm = suite.make_config("in_domain", "duet_if@warm8", 0, "demo", scratch=tmp_path)
+    assert (plain.k, k2.k, k2.method) == (1, 2, "duet_if")
+    assert config_hash(plain) == config_hash(suite.make_config("in_domain", "duet_if", 0, "demo"))
+    assert config_hash(k2) != config_hash(plain)
+    # the influence store is shared unless the ablation changes the influence step
+    assert k2.influence_dir == plain.influence_dir and cos.influence_dir == plain.influence_dir + "@cosine"
+    assert cos.influence.curvature == "cosine" and warm.evaluations == plain.evaluations == 16
+    assert suite.result_path(tmp_path, "in_domain", "duet_if@k2", 0).parent.name == "duet_if@k2"
+    with pytest.raises(ConfigError, match="unknown ablation"):
+        suite.make_config("in_domain", "duet_if@nope", 0, "demo")
