@@ -318,9 +318,12 @@ def run(quick: bool = False, proj_dim: int | None = None, projector: str = "sjlt
     P = ours["num_params"]
     out["num_params"] = P
     out["ours_examples_per_s"] = ours["examples_per_s"]
+    # matmul FLOPs of one example's gradient: forward + 2x backward of 4 layers of
+    # h W + (h A) B over 32 tokens; every side computes the same, plus its projection
+    grad_gf = n * 3 * 4 * 32 * (2 * d * d + 4 * d * 8) / 1e9
     ours_side = side(ours["examples_per_s"], seconds=ours["seconds"],
-                     gflops=ours["flops"] / 1e9 if ours["flops"] else None,
-                     what=f"InfluenceScorer.featurize ({projector}), XLA's FLOP estimate")
+                     gflops=grad_gf + _proj_gflops(projector, n, P, k), xla_gflops=(ours["flops"] or 0) / 1e9,
+                     what=f"InfluenceScorer.featurize ({projector})")
     peers = {}
     if peer:
 
@@ -346,7 +349,8 @@ def run(quick: bool = False, proj_dim: int | None = None, projector: str = "sjlt
             for pname in projs:
                 sec = grad_s[gname] + proj_s[pname]
                 peers[f"{gname}+{pname}"] = side(
-                    n / sec, seconds=sec, feasible=pname != "rademacher_kept" or kinfo["feasible"],
+                    n / sec, seconds=sec, gflops=grad_gf + _proj_gflops("sjlt" if pname == "sjlt" else "dense", n, P, k),
+                    feasible=pname != "rademacher_kept" or kinfo["feasible"],
                     what=f"torch {gname} gradients + {pname} projection")
         out["peer_examples_per_s"] = peers["vmap+trak"]["examples_per_s"]
         out["peer_grad_only_examples_per_s"] = n / grad_s["vmap"]
