@@ -106,6 +106,9 @@ def add_arguments(parser):
     parser.add_argument("--buckets", default=None,
                         help="ours: comma-separated encode bucket lengths the chunks are trimmed to "
                              "(default: the run's, EncodeConfig(max_length=seq_len).bucket_lengths)")
+    parser.add_argument("--last-layers", type=int, default=None,
+                        help="LoRA on the last N layers only, as a run's --lora.last_layers (ours then "
+                             "featurizes from the frozen-trunk hidden states; default: every layer)")
     parser.add_argument("--batch-size", type=int, default=8, help="the vmap peer's examples per call")
     parser.add_argument("--peer-grads", default=",".join(GRADS), help="subset of " + ", ".join(GRADS))
     parser.add_argument("--peer-projections", default=",".join(PROJECTIONS),
@@ -414,18 +417,23 @@ def run_featurize(scorer, lora, examples, frozen, *, chunk_size: int, buckets, s
 
 # ------------------------------------------------------------------ the SmolLM2-135M LoRA case
 class _LlamaCase:
-    """Every side's inputs: the model with LoRA r=8 (alpha 16) on q,k,v,o of every layer, B
-    non-zero, the examples tokenized once (``max_length = seq_len``) and the run's encode buckets."""
+    """Every side's inputs: the model with LoRA r=8 (alpha 16) on q,k,v,o of every layer (or of
+    the last ``last_layers``, as a run's ``--lora.last_layers``: then ours featurizes from the
+    frozen-trunk hidden states, ``start`` > 0), B non-zero, the examples tokenized once
+    (``max_length = seq_len``) and the run's encode buckets."""
 
     def __init__(self, model, tokenizer, examples, seq_len: int, b_scale: float = 0.02, seed: int = 0,
-                 buckets=None):
+                 buckets=None, last_layers: int | None = None):
         from duet_jax.data import EncodeConfig, encode_examples
 
         self.model, self.cfg, self.seq_len = model, model.config, seq_len
         self.tok = encode_examples(examples, tokenizer, EncodeConfig(max_length=seq_len, buckets=(seq_len,)))
         self.buckets = tuple(buckets) if buckets else EncodeConfig(max_length=seq_len).bucket_lengths
-        g, lora, frozen, _ = with_lora(model)
+        g, lora, frozen, start = with_lora(model, last_layers=last_layers)
         self.g, self.lora, self.frozen = g, nonzero_b(lora, b_scale, seed), frozen
+        self.last_layers = last_layers
+        self.lora_layers = self.cfg.num_layers if last_layers is None else int(last_layers)
+        self.start = int(start)
         self.num_params = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(self.lora)))
 
     def peft_lora(self) -> dict:
@@ -436,12 +444,13 @@ class _LlamaCase:
         return peft_state_dict(nnx.merge(self.g, self.lora, self.frozen))
 
 
-def _llama_case_from_spec(spec: str, domain: str, n: int, seq_len: int, buckets=None) -> _LlamaCase:
+def _llama_case_from_spec(spec: str, domain: str, n: int, seq_len: int, buckets=None,
+                          last_layers=None) -> _LlamaCase:
     from duet_jax.data import load_tokenizer
     from duet_jax.models import load_model
 
     return _LlamaCase(load_model(spec, dtype="float32"), load_tokenizer(spec), bench_examples(domain, n), seq_len,
-                      buckets=buckets)
+                      buckets=buckets, last_layers=last_layers)
 
 
 def _influence_config(proj_dim: int, projector: str, chunk_size: int):
@@ -464,10 +473,21 @@ def _ours_llama(case: _LlamaCase, *, proj_dim: int, projector: str, chunk_size: 
     icfg = _influence_config(proj_dim, projector, chunk_size)
     pool, _ = build_pool(case.tok, length=case.seq_len)
     n = len(pool)
+    trunk_s = trunk_compile_s = None
+    if case.start > 0:  # as Setting.with_trunk: the frozen layers' output once per pool row
+        from duet_jax.train import trunk_hidden
+
+        t0 = now()
+        jax.block_until_ready(trunk_hidden(case.g, case.lora, case.frozen, pool, start=case.start))
+        trunk_compile_s = now() - t0
+        t0 = now()
+        pool = pool.with_hidden(trunk_hidden(case.g, case.lora, case.frozen, pool, start=case.start))
+        jax.block_until_ready(pool.hidden)
+        trunk_s = now() - t0
     # as domain_influence: the domain's rows shortest first, then featurized chunk by chunk
     order = np.argsort(np.asarray(pool.attention_mask).sum(1), kind="stable")
     examples = jax.tree.map(lambda a: np.asarray(a)[order], pool)
-    scorer = run_scorer(case.g, 0, icfg)
+    scorer = run_scorer(case.g, case.start, icfg)
     lengths = []
     with tempfile.TemporaryDirectory(prefix="duet-bench-if-store-") as tmp:
         def once(i):
@@ -488,11 +508,11 @@ def _ours_llama(case: _LlamaCase, *, proj_dim: int, projector: str, chunk_size: 
     A = pool.answer_slots
     P = case.num_params
     gflops = sum(train_flops(cfg, rows=icfg.chunk_size, seq=T, head_positions=icfg.chunk_size * A,
-                             first_trained=0, lora_layers=cfg.num_layers) / 1e9
+                             start=case.start, first_trained=case.start, lora_layers=case.lora_layers) / 1e9
                  + _proj_gflops(projector, icfg.chunk_size, P, proj_dim) for T in lengths)
     # not timed: per-example losses (full length) and the unprojected gradients of the first
     # `check` rows in the run's order (the shortest), differentiated as featurize does
-    loss = example_loss_fn(case.g, 0)
+    loss = example_loss_fn(case.g, case.start)
     host = jax.tree.map(np.asarray, pool)
     losses = np.asarray(jax.jit(lambda lo, b, fr: jax.lax.map(lambda ex: loss(lo, ex, fr), b, batch_size=8))(
         case.lora, host, case.frozen))
@@ -511,7 +531,8 @@ def _ours_llama(case: _LlamaCase, *, proj_dim: int, projector: str, chunk_size: 
             "valid": int(np.sum(valid)), "feature_shape": list(feats.shape),
             "mean_padded_length": float(np.mean(lengths)),
             "mean_real_length": float(np.mean(np.asarray(pool.attention_mask).sum(1))),
-            "influence_config": dataclasses.asdict(icfg),
+            "influence_config": dataclasses.asdict(icfg), "start": case.start, "lora_layers": case.lora_layers,
+            "trunk_s": trunk_s, "trunk_compile_s": trunk_compile_s,
             "path": "run_scorer + run_featurize (domain_influence's scorer, featurize_into_store, trim_pool)"}
     return info, {"losses": losses, "check_rows": rows_c, **grads}
 
@@ -563,7 +584,7 @@ def _peer_grads_vmap(case: _LlamaCase, batch_size: int):
     from duet_jax.models import hf_state_dict
 
     cfg, T = case.cfg, case.seq_len
-    pm = peer_model(cfg, hf_state_dict(case.model), None)
+    pm = peer_model(cfg, hf_state_dict(case.model), case.last_layers)
     # eager attention: torch.func has no batching rule for CPU SDPA (it would loop per example)
     pm.get_base_model().set_attn_implementation("eager")
     names = _load_peer_lora(pm, case)
@@ -595,8 +616,8 @@ def _peer_grads_vmap(case: _LlamaCase, batch_size: int):
         return torch.cat(gs), torch.cat(ls)
 
     n = ids.shape[0]
-    gflops = train_flops(cfg, rows=n, seq=T, head_positions=n * T, first_trained=0,
-                         lora_layers=cfg.num_layers) / 1e9
+    gflops = train_flops(cfg, rows=n, seq=T, head_positions=n * T, first_trained=cfg.num_layers - case.lora_layers,
+                         lora_layers=case.lora_layers) / 1e9
     return grads, names, gflops, {"what": f"torch.func vmap(grad) {batch_size} at a time, padded to {T}, "
                                           "eager attention, full logits"}
 
@@ -610,7 +631,7 @@ def _peer_grads_loop(case: _LlamaCase):
     from duet_jax.models import hf_state_dict
 
     cfg, T = case.cfg, case.seq_len
-    pm = peer_model(cfg, hf_state_dict(case.model), None, attn="sdpa")
+    pm = peer_model(cfg, hf_state_dict(case.model), case.last_layers, attn="sdpa")
     names = _load_peer_lora(pm, case)
     plist = [p for _, p in pm.named_parameters() if p.requires_grad]
     ids, _, labels = peer_tensors(case.tok, T)
@@ -626,8 +647,9 @@ def _peer_grads_loop(case: _LlamaCase):
             ls.append(out.loss.detach())
         return torch.stack(gs), torch.stack(ls)
 
-    gflops = sum(train_flops(cfg, rows=1, seq=int(L), head_positions=int(L), first_trained=0,
-                             lora_layers=cfg.num_layers) for L in lengths) / 1e9
+    gflops = sum(train_flops(cfg, rows=1, seq=int(L), head_positions=int(L),
+                             first_trained=cfg.num_layers - case.lora_layers, lora_layers=case.lora_layers)
+                 for L in lengths) / 1e9
     return grads, names, gflops, {"what": "LESS loop: batch 1 at each example's real length, SDPA "
                                           "(is_causal, no mask), torch.autograd.grad, full logits",
                                   "mean_length": float(lengths.mean())}
@@ -711,7 +733,7 @@ def _child(side_: str, args: dict, out_path: str) -> None:
         info, arrays = _large_p_check(args["large_p"], args["proj_dim"]), {}
     else:
         case = _llama_case_from_spec(args["spec"], args["domain"], args["examples"], args["seq_len"],
-                                     args.get("buckets"))
+                                     args.get("buckets"), args.get("last_layers"))
         after_load = peak_rss_mib()
         if side_ == "ours":
             info, arrays = _ours_llama(case, proj_dim=args["proj_dim"], projector=args["projector"],
@@ -769,7 +791,7 @@ def _peer_sides(peer_info: dict, n: int) -> dict:
 
 def run_llama(spec: str = "smollm2-135m-instruct", *, domain: str = "arc_easy", examples: int = 16,
               seq_len: int = 128, proj_dim: int = 8192, projector: str = "sjlt", chunk_size: int | None = None,
-              buckets=None, batch_size: int = 8, repeats: int = 2, project_every: int = 16, check: int = 2,
+              buckets=None, last_layers: int | None = None, batch_size: int = 8, repeats: int = 2, project_every: int = 16, check: int = 2,
               peer: bool = True, peer_grads=GRADS, peer_projections=PROJECTIONS, dense_cap_gib: float = 4.0,
               subprocesses: bool = True, large_p: int | None = 12_000_000, matmul_n: int = 2048,
               projection: bool = True, model=None, tokenizer=None, example_list=None, progress=None) -> dict:
@@ -790,12 +812,15 @@ def run_llama(spec: str = "smollm2-135m-instruct", *, domain: str = "arc_easy", 
            "seq_len": seq_len, "proj_dim": proj_dim, "projector": projector, "chunk_size": chunk_size,
            "peer_batch_size": batch_size, "repeats": repeats, **machine_info(),
            "load_average_start": load_average(),
-           "lora": "r=8, alpha=16, q,k,v,o of every layer; B ~ N(0, 0.02^2)",
+           "last_layers": last_layers,
+           "lora": f"r=8, alpha=16, q,k,v,o of {'every layer' if last_layers is None else f'the last {last_layers} layers'}"
+                   "; B ~ N(0, 0.02^2)",
            "loss": "mean NLL over the answer (loss-mask) tokens of one example"}
     peak = MatmulPeak(matmul_n)
     say(f"matmul peak {peak.sample():.1f} GFLOP/s")
     args = dict(spec=spec, domain=domain, examples=examples, seq_len=seq_len, proj_dim=proj_dim,
                 projector=projector, chunk_size=chunk_size, buckets=list(buckets) if buckets else None,
+                last_layers=last_layers,
                 batch_size=batch_size, repeats=repeats, check=check, project_every=project_every,
                 large_p=large_p, peer_grads=list(peer_grads), peer_projections=list(peer_projections),
                 dense_cap_gib=dense_cap_gib, matmul_n=matmul_n)
@@ -803,7 +828,7 @@ def run_llama(spec: str = "smollm2-135m-instruct", *, domain: str = "arc_easy", 
         if subprocesses:
             ours_info, ours_arr = _in_child("ours", args, tmp)
         else:
-            case = _LlamaCase(model, tokenizer, example_list, seq_len, buckets=buckets)
+            case = _LlamaCase(model, tokenizer, example_list, seq_len, buckets=buckets, last_layers=last_layers)
             ours_info, ours_arr = _ours_llama(case, proj_dim=proj_dim, projector=projector,
                                               chunk_size=chunk_size, repeats=repeats, check=check)
         say(f"ours: {ours_info['examples_per_s']:.3f} ex/s (chunks of {chunk_size} at lengths "
@@ -929,7 +954,7 @@ def main(args) -> int:
     buckets = tuple(int(x) for x in args.buckets.split(",")) if args.buckets else None
     r = run_llama(args.model, domain=args.domain, examples=args.examples, seq_len=args.seq_len,
                   proj_dim=args.proj_dim or 8192, projector=args.projector, chunk_size=args.chunk_size,
-                  buckets=buckets, batch_size=args.batch_size, repeats=args.repeats, peer=not args.no_peer,
+                  buckets=buckets, last_layers=args.last_layers, batch_size=args.batch_size, repeats=args.repeats, peer=not args.no_peer,
                   peer_grads=_csv(args.peer_grads, GRADS), peer_projections=_csv(args.peer_projections, PROJECTIONS),
                   dense_cap_gib=args.dense_cap_gib, large_p=args.large_p or None, progress=progress)
     if args.json:

@@ -59,22 +59,25 @@ def test_bucketed_featurize_equals_full_length():
     np.testing.assert_allclose(bucketed, full, rtol=1e-4, atol=1e-5 * np.abs(full).max())
 
 
-def test_bench_featurize_is_the_runs(tmp_path):
+@pytest.mark.parametrize("last_layers", [None, 1])
+def test_bench_featurize_is_the_runs(tmp_path, last_layers):
     """``run_scorer`` + ``run_featurize`` give the features ``domain_influence`` stores for a
-    domain (the proxy fine-tune at a learning rate of 1e-30 leaves the adapter as it was)."""
-    from duet_jax.bench.common import nonzero_b, with_lora
+    domain (the proxy fine-tune at a learning rate of 1e-30 leaves the adapter as it was), with
+    LoRA on every layer and on the last one only (from the frozen trunk's hidden states)."""
     from duet_jax.influence.domains import InfluenceConfig, domain_influence
     from duet_jax.influence.store import FeatureStore
-    from duet_jax.train import TrainConfig, build_pool
+    from duet_jax.train import TrainConfig, build_pool, trunk_hidden
 
     model, tok, exs = _setup(8)
-    case = bench._LlamaCase(model, tok, exs, seq_len=64)
+    case = bench._LlamaCase(model, tok, exs, seq_len=64, last_layers=last_layers)
+    g, lora, frozen, start = case.g, case.lora, case.frozen, case.start
+    assert (start > 0) == (last_layers is not None)
     pool, _ = build_pool(case.tok, length=64)
-    g, lora, frozen, _ = with_lora(model)
-    lora = nonzero_b(lora)
+    if start:
+        pool = pool.with_hidden(trunk_hidden(g, lora, frozen, pool, start=start))
     icfg = InfluenceConfig(proj_dim=32, projector="sjlt", chunk_size=4, proxy_examples=8, validation_examples=2)
     n = len(pool)
-    domain_influence(graphdef=g, lora0=lora, frozen=frozen, start=0, pool=pool, domain_of=np.zeros(n, np.int32),
+    domain_influence(graphdef=g, lora0=lora, frozen=frozen, start=start, pool=pool, domain_of=np.zeros(n, np.int32),
                      val_pool=pool, val_domain_of=np.zeros(n, np.int32), names=["d"],
                      example_ids=[e.id for e in exs], base_model_id="tiny",
                      train_config=TrainConfig(batch_size=4, learning_rate=1e-30), config=icfg,
@@ -83,7 +86,7 @@ def test_bench_featurize_is_the_runs(tmp_path):
         header = json.load(f)
     run_feats, run_ok = FeatureStore(str(tmp_path / "run" / "d"), header).load()
 
-    scorer = bench.run_scorer(g, 0, icfg)
+    scorer = bench.run_scorer(g, start, icfg)
     for key in ("projector", "proj_dim", "seed", "curvature", "damping"):
         assert header["metadata"][key] == scorer.metadata()[key], key
     order = np.argsort(np.asarray(pool.attention_mask).sum(1), kind="stable")
@@ -158,6 +161,21 @@ def test_every_peer_computes_our_gradients_on_a_tiny_model():
     _check_cases(r, peers=True)
     assert r["strongest_peer"] == f["strongest_peer"] and r["ratio"] > 0
     assert "strongest peer" in bench._llama_summary(r) and "check vs loop" in bench._llama_summary(r)
+
+
+@pytest.mark.bench_peer
+def test_peers_on_the_last_layer_only_from_the_trunk():
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    model, tok, exs = _setup()
+    r = bench.run_llama(model=model, tokenizer=tok, example_list=exs, seq_len=64, proj_dim=64, last_layers=1,
+                        chunk_size=4, batch_size=4, repeats=1, project_every=4, peer=True, large_p=None,
+                        matmul_n=128, projection=False, peer_projections=("sjlt",))
+    assert r["ours"]["start"] == model.config.num_layers - 1 and r["ours"]["trunk_s"] > 0
+    assert r["num_params"] == 8 * (48 + 48 + 48 + 16 + 48 + 16 + 48 + 48)  # one layer
+    for kind, c in r["check"].items():
+        assert min(c["grad_cosine"]) > 0.9999 and c["max_abs_loss_diff"] < 1e-4, (kind, c)
+    _check_cases(r, peers=True)
 
 
 @pytest.mark.bench_peer
