@@ -338,8 +338,11 @@ def main(argv=None) -> int:
               "greedy; `python -m experiments.suite run --methods duet_if@k2,duet_if@k4,...`): not yet measured.")
     lines += [
               "- The known-optimum setting and the best-of-k error against k (Theorem 3.2): not yet measured.",
-              "- Paper-scale configs (Llama-3-8B / Qwen2.5-7B, M = 10,000, T = 10) and their cost per "
-              "evaluation on a GPU/TPU: not yet measured.", ""]
+              "- Paper-scale runs (Llama-3-8B / Qwen2.5-7B, M = 10,000, T = 10) on a GPU/TPU: not run (no "
+              "accelerator was lent); their expected cost is estimated below.", ""]
+    from experiments.paper_scale import estimate, markdown
+
+    lines += markdown(estimate())
     if notes_p.exists():
         lines += ["## Notes", "", notes_p.read_text().strip(), ""]
     lines += ["## Commands", "", "```",

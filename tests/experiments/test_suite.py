@@ -91,3 +91,16 @@ def test_ablation_keys_override_the_plain_run_and_keep_its_hash(tmp_path):
     assert suite.result_path(tmp_path, "in_domain", "duet_if@k2", 0).parent.name == "duet_if@k2"
     with pytest.raises(ConfigError, match="unknown ablation"):
         suite.make_config("in_domain", "duet_if@nope", 0, "demo")
+
+
+def test_paper_scale_counts_the_checkpoints_shapes():
+    from duet_jax.bench.common import _layer_linear_params
+    from experiments.paper_scale import ASSUME, evaluation_flops, model_config
+
+    llama = model_config("llama3-8b-instruct")
+    assert _layer_linear_params(llama) == 218_103_808  # docs/scale.md's memory plan: 218.1M per layer
+    f = evaluation_flops(llama)
+    tokens = ASSUME["budget_M"] * ASSUME["seq_tokens"]
+    # forward + backward + remat's forward = 3 x 2 x (linear params) per token, plus attention and head
+    assert 6 * 32 * 218_103_808 * tokens < f["finetune"] < 1.2 * 6 * 32 * 218_103_808 * tokens
+    assert 0 < f["feedback"] < f["finetune"] and f["total"] == f["finetune"] + f["feedback"]
