@@ -96,6 +96,20 @@ def separation_section(results: Path) -> list[str]:
                            "setup (model load, pool trunk pass) "
                            + ", ".join(f"{x['setup_s']:.0f} s at load {x['loadavg'][0]:.1f}" for x in sess)
                            + f". {len(ev)} of {N_RATIOS + N_RESAMPLES} evaluations done.")
+            opt = [r["metrics"]["neg_loss"] for r in recs if r["kind"] == "optimum"
+                   and r["metrics"].get("neg_loss") is not None]
+            if opt:
+                rat = [r["metrics"]["neg_loss"] for r in recs if r["kind"] == "ratio"
+                       and r["metrics"].get("neg_loss") is not None]
+                o = SETTINGS[st].optimum
+                out.append("")
+                out.append(f"Known optimum: all of {o} (its vertex re-sampled {len(opt)} times) gives neg_loss "
+                           f"{np.mean(opt):.4f} ± {np.std(opt, ddof=1) if len(opt) > 1 else 0:.4f}"
+                           + (f"; the best of the {len(rat)} random ratios {max(rat):.4f}, their mean "
+                              f"{np.mean(rat):.4f}: the vertex is "
+                              + ("above every random ratio" if min(opt) > max(rat) else
+                                 "NOT above every random ratio (the optimum by construction is not "
+                                 "confirmed at these sizes)") if rat else "") + ".")
             out.append("")
     if not any_data:
         out += ["Not yet measured.", ""]
@@ -319,8 +333,10 @@ def main(argv=None) -> int:
              "SmolLM2-135M-Instruct on CPU (2 cores, shared: load averages are given beside every time).", "",
              "## Settings", "", "| setting | mode | unseen task(s) | pool |", "| --- | --- | --- | --- |"]
     for s in SETTINGS.values():
-        lines.append(f"| {s.name} | {s.mode} | {' + '.join(s.tasks)}{' (combined target)' if s.combined else ''} "
-                     f"| {', '.join(s.domains)} ({len(s.domains)}) |")
+        short = lambda d: Path(d).stem if d.endswith(".jsonl") else d  # a file domain is named by its stem
+        lines.append(f"| {s.name} | {s.mode} | {' + '.join(map(short, s.tasks))}"
+                     f"{' (combined target)' if s.combined else ''} | {', '.join(map(short, s.domains))} "
+                     f"({len(s.domains)}) |")
     lines += ["", "Two held-out tasks are one *combined target*: a file with 250 evaluation-split examples of "
               "each (`experiments/targets/`); the feedback is the mean answer-token neg_loss over the scored "
               "examples of both (the loop takes one target; see `experiments/settings.py`). The separation "

@@ -36,11 +36,15 @@ RESULTS = Path(__file__).resolve().parent / "results" / "separation"
 N_RATIOS = 8
 N_RESAMPLES = 4
 RESAMPLE_OFFSET = 100  # evaluation index of re-sample j: RESAMPLE_OFFSET + j (its own seed)
+OPTIMUM_OFFSET = 200  # evaluation index of the known optimum's re-sample j
 
 
-def schedule() -> list[tuple[str, int]]:
-    """Interleaved so that a partial file already holds both kinds."""
-    out, r = [], 0
+def schedule(optimum: bool = False) -> list[tuple[str, int]]:
+    """Interleaved so that a partial file already holds both kinds; with ``optimum`` (a setting
+    whose best ratio is known by construction) the optimum's vertex, re-sampled as often as the
+    uniform ratio, comes first."""
+    out = [("optimum", j) for j in range(N_RESAMPLES)] if optimum else []
+    r = 0
     for u in range(N_RESAMPLES):
         out.append(("resample", u))
         for _ in range(2):
@@ -111,9 +115,9 @@ def run_separation(setting: str, variant: str, *, seed: int = 0, max_minutes: fl
                      extra=extra)
     path = results / setting / f"{variant}.jsonl"
     done = {(r["kind"], r["i"]) for r in load(path)}
-    todo = [s for s in schedule() if s not in done]
+    todo = [s for s in schedule(spec.optimum is not None) if s not in done]
     if not todo:
-        log(f"{setting}/{variant}: all {N_RATIOS + N_RESAMPLES} evaluations done")
+        log(f"{setting}/{variant}: all {len(schedule(spec.optimum is not None))} evaluations done")
         return load(path)
     plan = plan_data(cfg, log)
     scratch = Path(os.environ.get("DUET_EXPERIMENTS_SCRATCH", "/tmp/duet-experiments")) / "separation"
@@ -166,8 +170,11 @@ def run_separation(setting: str, variant: str, *, seed: int = 0, max_minutes: fl
         if max_minutes is not None and time.time() - t_start > 60 * max_minutes:
             log(f"{setting}/{variant}: stopping after {max_minutes} min (resumable)")
             break
-        ratio = ratios[i] if kind == "ratio" else np.full(n, 1.0 / n)
-        index = i if kind == "ratio" else RESAMPLE_OFFSET + i
+        if kind == "optimum":
+            ratio = np.eye(n)[setting_obj.names.index(spec.optimum)]
+        else:
+            ratio = ratios[i] if kind == "ratio" else np.full(n, 1.0 / n)
+        index = {"ratio": i, "resample": RESAMPLE_OFFSET + i, "optimum": OPTIMUM_OFFSET + i}[kind]
         t = time.time()
         ev = step(ratio, index, 0, "warm")
         t_step = time.time() - t

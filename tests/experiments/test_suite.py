@@ -104,3 +104,23 @@ def test_paper_scale_counts_the_checkpoints_shapes():
     # forward + backward + remat's forward = 3 x 2 x (linear params) per token, plus attention and head
     assert 6 * 32 * 218_103_808 * tokens < f["finetune"] < 1.2 * 6 * 32 * 218_103_808 * tokens
     assert 0 < f["feedback"] < f["finetune"] and f["total"] == f["finetune"] + f["feedback"]
+
+
+def test_known_optimum_rules_share_the_instruction_and_disagree_on_the_order():
+    from duet_jax.loop.setting import plan_data
+
+    files = {r: settings.rule_file(r) for r in settings.RULES}
+    assert all(f.read_text() == settings.rule_file(r).read_text() for r, f in files.items())  # deterministic
+    rows = {r: [json.loads(x) for x in f.read_text().splitlines()] for r, f in files.items()}
+    for r, rs in rows.items():
+        assert len(rs) == settings.RULE_ROWS and len({x["prompt"] for x in rs}) == len(rs)
+        for x in rs[:20]:
+            word = x["prompt"].split(": ", 1)[1].split("\n")[0].split()
+            assert x["answer"].split() == list(settings.RULES[r](word))
+            assert sorted(x["answer"].split()) == sorted(word)  # same letters: one answer format
+    cfg = settings.run_config("known_optimum", "duet_if", 0)
+    assert cfg.mode == "in_domain" and not any(d.startswith("/") for d in cfg.domains)  # checkout-independent
+    plan = plan_data(cfg, log=lambda s: None)
+    assert plan.target_name == "rule_reverse" and "rule_reverse" in plan.names and len(plan.names) == 6
+    train_prompts = {e.prompt for e in plan.train["rule_reverse"]}
+    assert not train_prompts & {e.prompt for e in plan.target_examples}  # scored on unseen strings
