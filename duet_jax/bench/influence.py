@@ -9,12 +9,12 @@ Measured in one run on this machine:
    ``max_length`` 128, real QA examples (``arc_easy`` train split), loss = mean NLL over the answer
    tokens of one example, on the same weights, adapter and examples:
 
-   - ours: the run's own featurize step (:func:`run_scorer` + :func:`run_featurize`: the scorer
-     :func:`~duet_jax.influence.domains.domain_influence` builds from an
-     :class:`~duet_jax.influence.domains.InfluenceConfig`, rows sorted by length, a resumable
-     :class:`~duet_jax.influence.store.FeatureStore` of ``chunk_size`` rows, each chunk trimmed to
-     the run's encode buckets by :func:`~duet_jax.influence.domains.trim_pool`);
-     ``--projector`` is the config's ``projector``;
+   - ours: the run's own featurize step, the functions
+     :func:`~duet_jax.influence.domains.domain_influence` calls: ``domain_scorer`` (the scorer
+     built from an :class:`~duet_jax.influence.domains.InfluenceConfig`), ``domain_store`` (a
+     resumable :class:`~duet_jax.influence.store.FeatureStore` of ``chunk_size`` rows) and
+     ``featurize_rows`` (rows sorted by length, each chunk trimmed to the run's encode buckets);
+     ``--projector`` is the config's ``projector`` (``pallas`` is interpreted on CPU);
    - peers, every combination of a gradient method and a projection:
 
      gradients: ``vmap`` (torch.func ``vmap(grad)`` over ``functional_call``, 8 at a time, rows
@@ -78,7 +78,7 @@ from duet_jax.bench.common import (
 HELP = "influence featurize throughput and projection speed vs torch peers (LESS loop, TRAK, SJLT)"
 
 __all__ = ["HELP", "GRADS", "PROJECTIONS", "add_arguments", "main", "featurize_throughput", "run",
-           "run_featurize", "run_llama", "run_scorer", "torch_rademacher_kept", "torch_sjlt",
+           "run_llama", "torch_rademacher_kept", "torch_sjlt",
            "torch_trak_projector"]
 
 #: the peers' gradient methods and projections (every combination is a peer)
@@ -372,49 +372,6 @@ def run(quick: bool = False, proj_dim: int | None = None, projector: str = "sjlt
     return out
 
 
-# ------------------------------------------------------------------ the run's featurize step
-def run_scorer(graphdef, start: int, config=None):
-    """The scorer :func:`~duet_jax.influence.domains.domain_influence` builds from ``config`` (an
-    :class:`~duet_jax.influence.domains.InfluenceConfig`; its projector, k, seed, curvature,
-    damping, remat, and ``min(chunk_size, 16)`` rows vmapped at a time)."""
-    from duet_jax.influence import InfluenceScorer
-    from duet_jax.influence.domains import InfluenceConfig, example_loss_fn
-
-    c = InfluenceConfig() if config is None else config
-    return InfluenceScorer(example_loss_fn(graphdef, start, remat=c.remat), proj_dim=c.proj_dim,
-                           projector=c.projector, curvature=c.curvature, damping=c.damping, seed=c.seed,
-                           batch_size=min(c.chunk_size, 16), loss_mask=lambda ex: jnp.sum(ex.loss_mask))
-
-
-def run_featurize(scorer, lora, examples, frozen, *, chunk_size: int, buckets, store_dir: str,
-                  example_ids=None, on_trim=None, precondition=None):
-    """The run's featurize of one domain's train rows: ``featurize_into_store`` into a
-    :class:`~duet_jax.influence.store.FeatureStore` of ``chunk_size`` rows at ``store_dir``, each
-    chunk trimmed by ``trim_pool(chunk, buckets)`` (``on_trim(trimmed)`` sees each one).
-
-    ``examples``: a host pool in the run's order (rows sorted by length). Returns
-    ``(features [n, k], valid [n])`` read back from the store, as the run reads them.
-    """
-    from duet_jax.influence.domains import FEATURE_LAYOUT, trim_pool
-    from duet_jax.influence.store import FeatureStore, featurize_into_store, store_metadata
-
-    n = len(examples)
-    ids = [str(i) for i in range(n)] if example_ids is None else list(example_ids)
-    meta = store_metadata(scorer, lora, domain="bench", example_ids=ids, split="train",
-                          layout=FEATURE_LAYOUT)
-    store = FeatureStore.open(store_dir, meta, n_examples=n, dim=scorer.projector_for(lora).out_dim,
-                              chunk_size=chunk_size)
-
-    def trim(c):
-        t = trim_pool(c, buckets)
-        if on_trim is not None:
-            on_trim(t)
-        return t
-
-    featurize_into_store(scorer, lora, examples, store, context=frozen, precondition=precondition, trim=trim)
-    return store.load()
-
-
 # ------------------------------------------------------------------ the SmolLM2-135M LoRA case
 class _LlamaCase:
     """Every side's inputs: the model with LoRA r=8 (alpha 16) on q,k,v,o of every layer (or of
@@ -465,7 +422,7 @@ def _ours_llama(case: _LlamaCase, *, proj_dim: int, projector: str, chunk_size: 
     ``check_rows`` and the unprojected gradients of ``check`` rows under their PEFT names."""
     from flax import nnx
 
-    from duet_jax.influence.domains import example_loss_fn, trim_pool
+    from duet_jax.influence.domains import domain_scorer, domain_store, featurize_rows, trim_pool
     from duet_jax.models.lora import peft_state_dict
     from duet_jax.train import build_pool
 
@@ -487,14 +444,16 @@ def _ours_llama(case: _LlamaCase, *, proj_dim: int, projector: str, chunk_size: 
     # as domain_influence: the domain's rows shortest first, then featurized chunk by chunk
     order = np.argsort(np.asarray(pool.attention_mask).sum(1), kind="stable")
     examples = jax.tree.map(lambda a: np.asarray(a)[order], pool)
-    scorer = run_scorer(case.g, case.start, icfg)
+    scorer = domain_scorer(case.g, case.start, icfg)
+    ids = [str(i) for i in order]
     lengths = []
     with tempfile.TemporaryDirectory(prefix="duet-bench-if-store-") as tmp:
-        def once(i):
+        def once(i):  # a fresh store each time: every chunk is computed (and written, as in a run)
             lengths.clear()
-            return run_featurize(scorer, case.lora, examples, case.frozen, chunk_size=icfg.chunk_size,
-                                 buckets=case.buckets, store_dir=os.path.join(tmp, f"rep{i}"),
-                                 on_trim=lambda t: lengths.append(t.length))
+            store = domain_store(scorer, case.lora, os.path.join(tmp, f"rep{i}"), domain="bench", example_ids=ids,
+                                 start=case.start, chunk_size=icfg.chunk_size)
+            return featurize_rows(scorer, case.lora, examples, case.frozen, store=store, buckets=case.buckets,
+                                  on_trim=lambda t: lengths.append(t.length))
 
         t0 = now()
         feats, valid = once(0)
@@ -512,7 +471,7 @@ def _ours_llama(case: _LlamaCase, *, proj_dim: int, projector: str, chunk_size: 
                  + _proj_gflops(projector, icfg.chunk_size, P, proj_dim) for T in lengths)
     # not timed: per-example losses (full length) and the unprojected gradients of the first
     # `check` rows in the run's order (the shortest), differentiated as featurize does
-    loss = example_loss_fn(case.g, case.start)
+    loss = scorer.loss_fn
     host = jax.tree.map(np.asarray, pool)
     losses = np.asarray(jax.jit(lambda lo, b, fr: jax.lax.map(lambda ex: loss(lo, ex, fr), b, batch_size=8))(
         case.lora, host, case.frozen))
@@ -533,7 +492,7 @@ def _ours_llama(case: _LlamaCase, *, proj_dim: int, projector: str, chunk_size: 
             "mean_real_length": float(np.mean(np.asarray(pool.attention_mask).sum(1))),
             "influence_config": dataclasses.asdict(icfg), "start": case.start, "lora_layers": case.lora_layers,
             "trunk_s": trunk_s, "trunk_compile_s": trunk_compile_s,
-            "path": "run_scorer + run_featurize (domain_influence's scorer, featurize_into_store, trim_pool)"}
+            "path": "duet_jax.influence.domains: domain_scorer + domain_store + featurize_rows (domain_influence's own calls)"}
     return info, {"losses": losses, "check_rows": rows_c, **grads}
 
 

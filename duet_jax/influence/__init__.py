@@ -33,7 +33,13 @@ from duet_jax.influence.curvature import (
     hvp_fn,
     lissa_solve,
 )
-from duet_jax.influence.projectors import PROJECTORS, Projector, make_projector, sjlt_buckets
+from duet_jax.influence.projectors import (
+    PROJECTORS,
+    Projector,
+    make_projector,
+    pallas_interpret,
+    sjlt_buckets,
+)
 from duet_jax.influence.scorer import (
     Finalized,
     InfluenceScorer,
@@ -63,6 +69,7 @@ __all__ = [
     "hvp_fn",
     "lissa_solve",
     "make_projector",
+    "pallas_interpret",
     "params_fingerprint",
     "per_example_grads",
     "safe_masked_mean",

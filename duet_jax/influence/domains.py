@@ -12,6 +12,9 @@ For each domain ``d``:
    lowers ``d``'s validation loss (the paper's ``-g_val^T H^-1 g_z`` on the loss, read as
    "helpfulness").
 
+Steps 2 and 3 use :func:`domain_scorer`, :func:`domain_store` and :func:`featurize_rows`, public so
+that ``duet-jax bench influence`` times exactly this path.
+
 Kill it part-way and run it again: finished chunks are read back, not recomputed. A store made
 with another model, adapter, projector or example list is refused (``StoreMismatchError``).
 """
@@ -40,8 +43,8 @@ from duet_jax.train.forward import slot_logprobs
 from duet_jax.train.pool import Pool
 from duet_jax.train.trainer import TrainConfig, finetune
 
-__all__ = ["DomainScores", "InfluenceConfig", "domain_influence", "example_loss_fn", "featurize_pool",
-           "length_chunks", "trim_pool"]
+__all__ = ["DomainScores", "InfluenceConfig", "domain_influence", "domain_scorer", "domain_store",
+           "example_loss_fn", "featurize_pool", "featurize_rows", "trim_pool"]
 
 CURVATURES = ("identity", "cosine", "adam", "fisher")
 
@@ -142,50 +145,103 @@ def trim_pool(pool: Pool, buckets: Sequence[int] | None = None, bucket: int = 16
                                hidden=None if pool.hidden is None else pool.hidden[:, :T])
 
 
-def length_chunks(pool: Pool, chunk: int, bucket: int = 16) -> list[tuple[np.ndarray, Pool]]:
-    """Pool rows sorted by real length, cut into chunks of ``chunk`` rows, each trimmed to its
-    longest row rounded up to ``bucket`` tokens (host arrays).
+def _loss_tokens(ex: Pool):
+    return jnp.sum(ex.loss_mask)
 
-    A short chunk (the last one) is filled up with repeats of its own rows, so every chunk has
-    exactly ``chunk`` rows (one compiled program per length, not per remainder). Trimming is exact:
-    positions past a row's length are masked, and the answer slots lie inside the row.
+
+def domain_scorer(graphdef, start: int, config: InfluenceConfig | None = None) -> InfluenceScorer:
+    """The scorer DUET's influence step featurizes with (:func:`domain_influence`; the bench calls
+    it too): the loss :func:`example_loss_fn` of one pool row (``config.remat``), the config's
+    projector, ``proj_dim``, seed, curvature and damping, ``min(chunk_size, 16)`` rows vmapped at
+    a time, and rows without answer tokens flagged.
+
+    The ``pallas`` projector runs in the Pallas interpreter when JAX's backend is CPU and compiled
+    on TPU/GPU (:func:`~duet_jax.influence.projectors.pallas_interpret`), so
+    ``--influence.projector pallas`` works in a CPU run; both give the features of ``chunked``
+    (the same signs) up to float summation order.
+    """
+    c = InfluenceConfig() if config is None else config
+    return InfluenceScorer(
+        example_loss_fn(graphdef, start, remat=c.remat), proj_dim=c.proj_dim, projector=c.projector,
+        curvature=c.curvature, damping=c.damping, seed=c.seed, batch_size=min(c.chunk_size, 16),
+        loss_mask=_loss_tokens)
+
+
+def domain_store(scorer: InfluenceScorer, lora, path: str | Path, *, domain: str, example_ids: Sequence[str],
+                 start: int, chunk_size: int, model_hash: str | None = None) -> FeatureStore:
+    """Open (create, or reopen to resume) one domain's resumable feature store at ``path``: its
+    metadata (:func:`~duet_jax.influence.store.store_metadata`: domain, example ids in store
+    order, ``model_hash``, the scorer's settings, ``split="train"``, ``start_layer``,
+    :data:`FEATURE_LAYOUT`) and layout (``len(example_ids)`` rows in chunks of ``chunk_size``).
+
+    Raises:
+      StoreMismatchError: the directory holds a store made with other settings.
+    """
+    meta = store_metadata(scorer, lora, domain=domain, example_ids=list(example_ids), model_hash=model_hash,
+                          split="train", start_layer=int(start), layout=FEATURE_LAYOUT)
+    return FeatureStore.open(str(path), meta, n_examples=len(example_ids),
+                             dim=scorer.projector_for(lora).out_dim, chunk_size=chunk_size)
+
+
+def featurize_rows(scorer: InfluenceScorer, lora, examples: Pool, frozen, *, store: FeatureStore | None = None,
+                   chunk_size: int | None = None, buckets: Sequence[int] | None = None, bucket: int = 16,
+                   precondition=None, progress: Callable[[int, int], None] | None = None,
+                   on_trim: Callable[[Pool], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """DUET's featurize of a domain's rows, in the order given (:func:`domain_influence` passes
+    them shortest first; the bench calls this too).
+
+    :func:`~duet_jax.influence.store.featurize_into_store` chunk by chunk into ``store`` (chunks
+    already written are read back, not recomputed), each chunk of ``store.chunk_size`` rows (a
+    short last one filled with repeats of its own rows: one compiled program per length) cut by
+    :func:`trim_pool` to the smallest of ``buckets`` that holds its longest row (``None``: a
+    multiple of ``bucket``); ``on_trim(chunk)`` sees each trimmed chunk. Without ``store``: an
+    in-memory store of ``chunk_size`` rows, the same loop (and the same features) without a
+    directory.
+
+    Args:
+      scorer: from :func:`domain_scorer` (its loss takes ``(lora, row, frozen)``).
+      lora, frozen: the adapter featurized and the frozen weights (``context``).
+      examples: a host pool (numpy arrays).
+      precondition: passed to :meth:`InfluenceScorer.featurize` (``adam`` curvature).
+      progress: ``progress(done_chunks, num_chunks)``.
 
     Returns:
-      ``[(rows, sub_pool)]``: ``rows`` int ``[<= chunk]`` the pool rows a chunk holds (its first
-      ``len(rows)`` entries; the rest are repeats to drop).
+      ``(features [n, k] float32, valid [n] bool)`` read back from the store, in ``examples``' order.
     """
-    att = np.asarray(pool.attention_mask)
-    lengths = att.sum(1)
-    order = np.argsort(lengths, kind="stable")
-    out = []
-    for s in range(0, order.size, chunk):
-        rows = order[s:s + chunk]
-        full = np.resize(rows, chunk)
-        sub = trim_pool(jax.tree.map(lambda a, full=full: np.asarray(a)[full], pool), bucket=bucket)
-        out.append((rows, sub))
-    return out
+    if store is None:
+        if chunk_size is None:
+            raise InfluenceError("featurize_rows needs a store or a chunk_size")
+        store = FeatureStore.in_memory(n_examples=len(examples), dim=scorer.projector_for(lora).out_dim,
+                                       chunk_size=chunk_size)
+
+    def trim(chunk):
+        t = trim_pool(chunk, buckets, bucket)
+        if on_trim is not None:
+            on_trim(t)
+        return t
+
+    featurize_into_store(scorer, lora, examples, store, progress=progress, context=frozen,
+                         precondition=precondition, trim=trim)
+    return store.load()
 
 
 def featurize_pool(scorer: InfluenceScorer, lora, pool: Pool, frozen, *, bucket: int = 16,
-                   chunks: list | None = None, return_flags: bool = False):
-    """``scorer.featurize`` over a pool, chunk by chunk at each chunk's own (bucketed) length.
+                   return_flags: bool = False):
+    """:func:`featurize_rows` over a whole pool, returned in pool row order: rows sorted by real
+    length, chunks of ``scorer.options.batch_size`` rows, each trimmed to a multiple of ``bucket``
+    tokens, in memory.
 
-    ``scorer`` must use a loss like :func:`example_loss_fn` (``loss(lora, example, frozen)``); its
-    ``batch_size`` is the chunk size. A pool of short QA rows padded to a long ``max_length`` costs
-    only its real lengths. Pass ``chunks`` (from :func:`length_chunks`) to reuse the host slices.
+    A convenience for a pool outside a run (a DUET run calls :func:`featurize_rows` per domain
+    from :func:`domain_influence`, with its store and its encode buckets).
 
     Returns:
       ``[N, k]`` float32 numpy in pool row order (and ``valid [N]`` with ``return_flags``).
     """
-    chunks = length_chunks(pool, scorer.options.batch_size, bucket) if chunks is None else chunks
-    feats, valid = None, np.zeros(len(pool), bool)
-    for rows, sub in chunks:
-        f, ok = scorer.featurize(lora, sub, context=frozen, return_flags=True)
-        f = np.asarray(f)
-        if feats is None:
-            feats = np.zeros((len(pool), f.shape[1]), np.float32)
-        feats[rows] = f[: rows.size]
-        valid[rows] = np.asarray(ok)[: rows.size]
+    order = np.argsort(np.asarray(pool.attention_mask).sum(1), kind="stable")
+    f, ok = featurize_rows(scorer, lora, _host(pool, order), frozen, chunk_size=scorer.options.batch_size,
+                           bucket=bucket)
+    feats, valid = np.empty_like(f), np.empty_like(ok)
+    feats[order], valid[order] = f, ok
     return (feats, valid) if return_flags else feats
 
 
@@ -231,15 +287,15 @@ def domain_influence(
         per-example gradient program compiles once per bucket); ``None``: multiples of 16. Each
         domain's rows are featurized shortest first, so a chunk holds rows of similar length and
         a pool of short rows costs their real length, not the pool's longest.
-      store_root: directory for the resumable feature stores (None: in memory only).
+      store_root: directory for the resumable feature stores (None: in memory only, the same
+        chunks and features).
       progress: ``progress(domain, done_chunks, num_chunks)``.
 
     Raises:
       InfluenceError: a domain without validation rows.
     """
     config = InfluenceConfig() if config is None else config
-    proj_dim, projector, curvature, damping, seed = (config.proj_dim, config.projector,
-                                                     config.curvature, config.damping, config.seed)
+    curvature, seed = config.curvature, config.seed
     proxy_examples, validation_examples, chunk_size = (config.proxy_examples,
                                                        config.validation_examples, config.chunk_size)
     key = jax.random.key(seed) if key is None else key
@@ -248,11 +304,7 @@ def domain_influence(
     scores = np.zeros(len(domain_of), np.float32)
     valid = np.zeros(len(domain_of), bool)
     per: dict = {}
-    loss = example_loss_fn(graphdef, start, remat=config.remat)
-    scorer = InfluenceScorer(
-        loss, proj_dim=proj_dim, projector=projector, curvature=curvature,
-        damping=damping, seed=seed, batch_size=min(chunk_size, 16),
-        loss_mask=lambda ex: jnp.sum(ex.loss_mask))
+    scorer = domain_scorer(graphdef, start, config)
     cfg = dataclasses.replace(train_config, steps=None, epochs=config.proxy_epochs)
     row_len = np.asarray(pool.attention_mask).sum(1)
     for d, name in enumerate(names):
@@ -274,19 +326,12 @@ def domain_influence(
                if curvature == "adam" else None)
         examples = _host(pool, rows)
         ids = [example_ids[i] for i in rows]
-        if store_root is not None:
-            meta = store_metadata(scorer, proxy.lora, domain=name, example_ids=ids, model_hash=model_hash,
-                                  split="train", start_layer=int(start), layout=FEATURE_LAYOUT)
-            store = FeatureStore.open(str(Path(store_root) / name), meta, n_examples=rows.size,
-                                      dim=scorer.projector_for(proxy.lora).out_dim, chunk_size=chunk_size)
-            cb = None if progress is None else (lambda i, n, name=name: progress(name, i, n))
-            featurize_into_store(scorer, proxy.lora, examples, store, progress=cb, context=frozen,
-                                 precondition=pre, trim=lambda c: trim_pool(c, buckets))
-            feats, ok = store.load()
-        else:
-            feats, ok = scorer.featurize(proxy.lora, examples, return_flags=True, context=frozen,
-                                         precondition=pre)
-            feats, ok = np.asarray(feats), np.asarray(ok)
+        store = None if store_root is None else domain_store(
+            scorer, proxy.lora, Path(store_root) / name, domain=name, example_ids=ids, start=start,
+            chunk_size=chunk_size, model_hash=model_hash)
+        cb = None if progress is None else (lambda i, n, name=name: progress(name, i, n))
+        feats, ok = featurize_rows(scorer, proxy.lora, examples, frozen, store=store, chunk_size=chunk_size,
+                                   buckets=buckets, precondition=pre, progress=cb)
         qpool = _host(val_pool, vrows) if query_pool is None else query_pool
         q = scorer.featurize_query(proxy.lora, qpool, mean=True, context=frozen)
         s = scorer.score(scorer.finalize(feats), q)[:, 0]

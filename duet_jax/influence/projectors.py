@@ -24,8 +24,9 @@ name               projection
                    block at a time (``duet_kernels.projection.project_reference``); never forms
                    ``P x k``.
 ``pallas``         the same matrix as ``chunked``, signs made inside a Pallas kernel
-                   (``duet_kernels.projection.project_pallas``); for TPU/GPU. ``interpret=True``
-                   runs it on CPU.
+                   (``duet_kernels.projection.project_pallas``); for TPU/GPU. On the CPU
+                   backend it runs in the Pallas interpreter (``interpret=None``, the default,
+                   chooses: interpreted on CPU, compiled elsewhere).
 =================  ==========================================================================
 
 Determinism: same ``(name, seed, P, k)`` gives the same projection for any batch size, any
@@ -43,7 +44,7 @@ import jax.numpy as jnp
 
 from duet_jax.errors import InfluenceError
 
-__all__ = ["PROJECTORS", "Projector", "make_projector", "sjlt_buckets"]
+__all__ = ["PROJECTORS", "Projector", "make_projector", "pallas_interpret", "sjlt_buckets"]
 
 PROJECTORS = ("identity", "dense", "dense_gaussian", "sjlt", "chunked", "pallas")
 
@@ -69,6 +70,13 @@ def sjlt_buckets(seed: int, rows: jax.Array, k: int) -> tuple[jax.Array, jax.Arr
     return bucket, sign
 
 
+def pallas_interpret(interpret: bool | None = None) -> bool:
+    """Whether the Pallas kernel runs in the interpreter: ``interpret`` if given, else ``True``
+    exactly when JAX's default backend is CPU (where Pallas refuses to compile: "Only interpret
+    mode is supported on CPU backend"), so a run selecting ``pallas`` works on every backend."""
+    return jax.default_backend() == "cpu" if interpret is None else bool(interpret)
+
+
 @dataclasses.dataclass(frozen=True)
 class Projector:
     """A seeded projection ``R^P -> R^k`` (see the module docstring for the names).
@@ -79,7 +87,8 @@ class Projector:
       in_dim: P, the flattened parameter count.
       out_dim: k (equals P for ``identity``).
       block_rows: rows generated at a time by ``chunked`` (memory ``block_rows * k`` floats).
-      interpret: run the ``pallas`` kernel in interpret mode (CPU).
+      interpret: run the ``pallas`` kernel in interpret mode; ``None``: when JAX's default
+        backend is CPU (Pallas compiles only for TPU/GPU), compiled otherwise.
     """
 
     name: str
@@ -87,7 +96,7 @@ class Projector:
     in_dim: int
     out_dim: int
     block_rows: int = 2048
-    interpret: bool = False
+    interpret: bool | None = None
 
     def init(self) -> Any:
         """Arrays the projection needs: ``[P, k]`` float32 for the dense kinds, else ``()``."""
@@ -142,7 +151,7 @@ class Projector:
                 raise InfluenceError("the pallas projector needs a static (Python int) row_offset")
             return project_pallas(
                 x, seed=self.seed, k=self.out_dim, row_offset=row_offset,
-                interpret=self.interpret,
+                interpret=pallas_interpret(self.interpret),
             )
         raise InfluenceError(f"unknown projector {self.name!r}; expected one of {PROJECTORS}")
 
@@ -157,7 +166,8 @@ def make_projector(
       seed: int seed.
       in_dim: P > 0.
       out_dim: k > 0 (ignored, may be None, for ``identity``).
-      **options: ``block_rows``, ``interpret``.
+      **options: ``block_rows``, ``interpret`` (``pallas``; default: interpreted on the CPU
+        backend only, :func:`pallas_interpret`).
 
     Returns:
       The projector.
@@ -175,4 +185,6 @@ def make_projector(
             f"projector {name!r} would materialise a {in_dim} x {out_dim} matrix; "
             "use 'sjlt', 'chunked' or 'pallas' for large P"
         )
+    if name == "pallas":
+        options = {**options, "interpret": pallas_interpret(options.get("interpret"))}
     return Projector(name=name, seed=int(seed), in_dim=int(in_dim), out_dim=int(out_dim), **options)

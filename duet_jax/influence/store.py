@@ -162,6 +162,18 @@ class FeatureStore:
             _atomic_write(hpath, lambda f: f.write(payload))
         return cls(path, header)
 
+    @classmethod
+    def in_memory(cls, *, n_examples: int, dim: int, chunk_size: int, metadata: dict | None = None) -> FeatureStore:
+        """A store of the same layout kept in memory (nothing written, nothing to resume): the
+        same chunk loop (:func:`featurize_into_store`) without a directory."""
+        for name, v in (("n_examples", n_examples), ("dim", dim), ("chunk_size", chunk_size)):
+            if int(v) <= 0:
+                raise InfluenceError(f"store {name} must be > 0; got {v}")
+        header = {"format": _FORMAT,
+                  "layout": {"n_examples": int(n_examples), "dim": int(dim), "chunk_size": int(chunk_size)},
+                  "metadata": json.loads(json.dumps(metadata or {}))}
+        return _MemoryStore(header)
+
     # -------------------------------------------------------------- chunks
     @property
     def num_chunks(self) -> int:
@@ -228,6 +240,41 @@ class FeatureStore:
         if not os.path.exists(p):
             raise InfluenceError(f"store {self.path} has no array {name!r}")
         return np.load(p)
+
+
+class _MemoryStore(FeatureStore):
+    """:meth:`FeatureStore.in_memory`: chunks and named arrays in dicts."""
+
+    def __init__(self, header: dict):
+        super().__init__("<memory>", header)
+        self._chunks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def is_done(self, i: int) -> bool:
+        return i in self._chunks
+
+    def write_chunk(self, i: int, features, valid=None) -> None:
+        s, e = self.chunk_range(i)
+        f = np.array(features, np.float32)
+        if f.shape != (e - s, self.dim):
+            raise InfluenceError(f"chunk {i} features must be {(e - s, self.dim)}; got {f.shape}")
+        v = np.ones(e - s, bool) if valid is None else np.array(valid, bool)
+        if v.shape != (e - s,):
+            raise InfluenceError(f"chunk {i} valid must be {(e - s,)}; got {v.shape}")
+        self._chunks[i] = (f, v)
+
+    def read_chunk(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if not self.is_done(i):
+            raise InfluenceError(f"chunk {i} of the in-memory store is not written yet")
+        return self._chunks[i]
+
+    def save_array(self, name: str, array) -> None:
+        self._arrays[name] = np.array(array)
+
+    def load_array(self, name: str) -> np.ndarray:
+        if name not in self._arrays:
+            raise InfluenceError(f"the in-memory store has no array {name!r}")
+        return self._arrays[name]
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -41,29 +41,34 @@ def _check_cases(r, peers: bool):
     json.dumps(r)
 
 
-def test_bucketed_featurize_equals_full_length():
+def test_bucketed_featurize_equals_full_length(monkeypatch):
     from duet_jax.influence import InfluenceScorer
-    from duet_jax.influence.domains import example_loss_fn, featurize_pool, length_chunks
+    from duet_jax.influence import domains as dom_mod
     from duet_jax.train import build_pool
 
     model, tok, exs = _setup()
     case = bench._LlamaCase(model, tok, exs, seq_len=64)
     pool, _ = build_pool(case.tok, length=64)
-    chunks = length_chunks(pool, 4, bucket=16)
-    assert sorted(np.concatenate([r for r, _ in chunks]).tolist()) == list(range(len(pool)))
-    assert all(sub.length < 64 and len(sub) == 4 for _, sub in chunks)
-    scorer = InfluenceScorer(example_loss_fn(case.g, 0), proj_dim=64, projector="sjlt", batch_size=4)
-    bucketed, ok = featurize_pool(scorer, case.lora, pool, case.frozen, chunks=chunks, return_flags=True)
+    seen = []
+    real = dom_mod.trim_pool
+    monkeypatch.setattr(dom_mod, "trim_pool", lambda c, *a: seen.append(real(c, *a)) or seen[-1])
+    scorer = InfluenceScorer(dom_mod.example_loss_fn(case.g, 0), proj_dim=64, projector="sjlt", batch_size=4)
+    bucketed, ok = dom_mod.featurize_pool(scorer, case.lora, pool, case.frozen, return_flags=True)
+    assert len(seen) == 2 and all(sub.length < 64 and len(sub) == 4 for sub in seen)
     full = np.asarray(scorer.featurize(case.lora, jax.tree.map(np.asarray, pool), context=case.frozen))
     assert ok.all() and np.abs(full).max() > 0
     np.testing.assert_allclose(bucketed, full, rtol=1e-4, atol=1e-5 * np.abs(full).max())
 
 
-@pytest.mark.parametrize("last_layers", [None, 1])
-def test_bench_featurize_is_the_runs(tmp_path, last_layers):
-    """``run_scorer`` + ``run_featurize`` give the features ``domain_influence`` stores for a
-    domain (the proxy fine-tune at a learning rate of 1e-30 leaves the adapter as it was), with
-    LoRA on every layer and on the last one only (from the frozen trunk's hidden states)."""
+@pytest.mark.parametrize("last_layers,projector", [(None, "sjlt"), (1, "pallas")])
+def test_bench_featurize_is_the_runs(tmp_path, monkeypatch, last_layers, projector):
+    """Ours calls the run's own functions (``domain_scorer``, ``domain_store``, ``featurize_rows``
+    of ``duet_jax.influence.domains``, what ``domain_influence`` calls), with the configured
+    projector, chunk size and the run's buckets, and gets the features ``domain_influence`` stores
+    for a domain (its proxy fine-tune at a learning rate of 1e-30 leaves the adapter as it was),
+    with LoRA on every layer and on the last one only (from the frozen trunk's hidden states;
+    there with the Pallas projector, interpreted on CPU)."""
+    from duet_jax.influence import domains as dom_mod
     from duet_jax.influence.domains import InfluenceConfig, domain_influence
     from duet_jax.influence.store import FeatureStore
     from duet_jax.train import TrainConfig, build_pool, trunk_hidden
@@ -75,7 +80,7 @@ def test_bench_featurize_is_the_runs(tmp_path, last_layers):
     pool, _ = build_pool(case.tok, length=64)
     if start:
         pool = pool.with_hidden(trunk_hidden(g, lora, frozen, pool, start=start))
-    icfg = InfluenceConfig(proj_dim=32, projector="sjlt", chunk_size=4, proxy_examples=8, validation_examples=2)
+    icfg = InfluenceConfig(proj_dim=32, projector=projector, chunk_size=4, proxy_examples=8, validation_examples=2)
     n = len(pool)
     domain_influence(graphdef=g, lora0=lora, frozen=frozen, start=start, pool=pool, domain_of=np.zeros(n, np.int32),
                      val_pool=pool, val_domain_of=np.zeros(n, np.int32), names=["d"],
@@ -86,28 +91,39 @@ def test_bench_featurize_is_the_runs(tmp_path, last_layers):
         header = json.load(f)
     run_feats, run_ok = FeatureStore(str(tmp_path / "run" / "d"), header).load()
 
-    scorer = bench.run_scorer(g, start, icfg)
-    for key in ("projector", "proj_dim", "seed", "curvature", "damping"):
-        assert header["metadata"][key] == scorer.metadata()[key], key
-    order = np.argsort(np.asarray(pool.attention_mask).sum(1), kind="stable")
-    examples = jax.tree.map(lambda a: np.asarray(a)[order], pool)
-    lengths = []
-    feats, ok = bench.run_featurize(scorer, lora, examples, frozen, chunk_size=icfg.chunk_size,
-                                    buckets=case.buckets, store_dir=str(tmp_path / "bench"),
-                                    on_trim=lambda t: lengths.append(t.length))
-    assert ok.all() and run_ok.all() and np.abs(feats).max() > 0
-    assert lengths and all(L in case.buckets for L in lengths)
-    np.testing.assert_allclose(feats, run_feats, rtol=1e-4, atol=1e-5 * np.abs(run_feats).max())
+    calls = {"scorer": [], "store": [], "rows": []}
+    real_scorer, real_store, real_rows = dom_mod.domain_scorer, dom_mod.domain_store, dom_mod.featurize_rows
 
+    def spy_scorer(*a, **k):
+        calls["scorer"].append((a, k))
+        return real_scorer(*a, **k)
 
-def test_the_configured_projector_reaches_the_featurizer():
-    from duet_jax.influence.domains import InfluenceConfig
+    def spy_store(*a, **k):
+        st = real_store(*a, **k)
+        calls["store"].append(st)
+        return st
 
-    model, tok, exs = _setup(2)
-    case = bench._LlamaCase(model, tok, exs, seq_len=64)
-    for name in ("sjlt", "chunked", "dense"):
-        s = bench.run_scorer(case.g, 0, InfluenceConfig(projector=name, proj_dim=16))
-        assert s.options.projector == name and s.projector_for(case.lora).name == name
+    def spy_rows(*a, **k):
+        out = real_rows(*a, **k)
+        calls["rows"].append((a, k, out))
+        return out
+
+    monkeypatch.setattr(dom_mod, "domain_scorer", spy_scorer)
+    monkeypatch.setattr(dom_mod, "domain_store", spy_store)
+    monkeypatch.setattr(dom_mod, "featurize_rows", spy_rows)
+    info, _ = bench._ours_llama(case, proj_dim=32, projector=projector, chunk_size=4, repeats=1, check=1)
+    assert info["influence_config"]["projector"] == projector and info["influence_config"]["chunk_size"] == 4
+    assert len(calls["scorer"]) == 1 and calls["scorer"][0][0][:2] == (g, start)
+    assert len(calls["rows"]) == 2 == len(calls["store"])  # the compiling call and one timed repeat
+    for (a, k, (feats, ok)), store in zip(calls["rows"], calls["store"], strict=True):
+        scorer = a[0]
+        assert scorer.projector_for(lora).name == projector and scorer.options.batch_size == 4
+        assert k["store"] is store and store.chunk_size == icfg.chunk_size and k["buckets"] == case.buckets
+        for key in ("projector", "proj_dim", "seed", "curvature", "damping", "start_layer", "layout"):
+            assert header["metadata"][key] == store.metadata[key], key
+        assert ok.all() and run_ok.all() and np.abs(feats).max() > 0
+        np.testing.assert_allclose(feats, run_feats, rtol=1e-4, atol=1e-5 * np.abs(run_feats).max())
+    assert set(info["chunk_lengths"]) <= set(case.buckets) and len(info["chunk_lengths"]) == 2
 
 
 def test_llama_case_ours_only():

@@ -69,11 +69,73 @@ def test_length_sorted_trimmed_featurize_equals_the_untrimmed_one(tmp_path, monk
     assert lengths.min() < 40 < kw["pool"].length  # some chunks are really cut
     seen = []
     real = dom_mod.trim_pool
-    monkeypatch.setattr(dom_mod, "trim_pool", lambda c, b: seen.append(real(c, b).length) or real(c, b))
+    monkeypatch.setattr(dom_mod, "trim_pool", lambda c, *a: seen.append(real(c, *a).length) or real(c, *a))
     trimmed = domain_influence(**kw, buckets=(16, 40), store_root=tmp_path / "if")
-    full = domain_influence(**kw)  # in memory: one featurize of each domain, untrimmed
+    full = domain_influence(**kw, buckets=(kw["pool"].length,))  # in memory, every chunk untrimmed
     assert min(seen) < kw["pool"].length
     # float32 sums in another order: equal to 1e-5 of the scores' scale
     scale = np.abs(full.scores).max()
     np.testing.assert_allclose(trimmed.scores, full.scores, rtol=1e-4, atol=1e-5 * scale)
     assert (trimmed.valid == full.valid).all()
+
+
+def _stored(root, name):
+    import json
+
+    from duet_jax.influence import FeatureStore
+
+    with open(root / name / "header.json") as f:
+        return FeatureStore(str(root / name), json.load(f)).load()
+
+
+def test_in_memory_is_the_store_path(tmp_path):
+    """Without a store root the same chunk loop runs (an in-memory store): the same scores, bit
+    for bit, and the stored features are what featurize_rows returns."""
+    import jax
+
+    from duet_jax.influence.domains import domain_scorer, featurize_rows
+
+    kw = _setup()
+    on_disk = domain_influence(**kw, buckets=(16, 40), store_root=tmp_path / "if")
+    in_memory = domain_influence(**kw, buckets=(16, 40))
+    assert np.array_equal(on_disk.scores, in_memory.scores) and (on_disk.valid == in_memory.valid).all()
+    # featurize_rows alone (the bench's call) on domain b's rows, shortest first: one trimmed
+    # chunk of chunk_size rows per store chunk
+    cfg = kw["config"]
+    scorer = domain_scorer(kw["graphdef"], kw["start"], cfg)
+    rows = np.flatnonzero(np.asarray(kw["domain_of"]) == 1)
+    rows = rows[np.argsort(np.asarray(kw["pool"].attention_mask).sum(1)[rows], kind="stable")]
+    ex = jax.tree.map(lambda a: np.asarray(a)[rows], kw["pool"])
+    lengths = []
+    f, ok = featurize_rows(scorer, kw["lora0"], ex, kw["frozen"], chunk_size=cfg.chunk_size, buckets=(16, 40),
+                           on_trim=lambda t: lengths.append(t.length))
+    assert f.shape == (rows.size, cfg.proj_dim) and ok.all() and set(lengths) <= {16, 40}
+    assert len(lengths) == -(-rows.size // cfg.chunk_size)
+
+
+def test_pallas_projector_in_a_cpu_run_matches_chunked(tmp_path):
+    """``--influence.projector pallas`` in a CPU run: the kernel is interpreted (chosen from the
+    backend) and the stored features are the ``chunked`` projector's (the same signs, pure jnp:
+    ``duet_kernels.projection.project_reference``) up to float summation order."""
+    import dataclasses
+
+    import jax
+
+    from duet_jax.influence.domains import domain_scorer
+
+    assert jax.default_backend() == "cpu"
+    kw = _setup()
+    base = kw["config"]
+    pal = dataclasses.replace(base, projector="pallas")
+    assert domain_scorer(kw["graphdef"], kw["start"], pal).projector_for(kw["lora0"]).interpret is True
+    out = {}
+    for name in ("pallas", "chunked"):
+        kw["config"] = dataclasses.replace(base, projector=name)
+        out[name] = domain_influence(**kw, buckets=(16, 40), store_root=tmp_path / name)
+    for d in ("a", "b"):
+        fp, okp = _stored(tmp_path / "pallas", d)
+        fc, okc = _stored(tmp_path / "chunked", d)
+        assert (okp == okc).all() and np.abs(fc).max() > 0
+        np.testing.assert_allclose(fp, fc, rtol=1e-5, atol=1e-5 * np.abs(fc).max())
+    scale = np.abs(out["chunked"].scores).max()
+    np.testing.assert_allclose(out["pallas"].scores, out["chunked"].scores, rtol=1e-4, atol=1e-5 * scale)

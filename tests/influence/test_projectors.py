@@ -124,3 +124,17 @@ def test_bad_arguments_raise_project_errors():
         pr.apply((), jnp.ones((1, 11)))
     with pytest.raises(InfluenceError, match=r"\[B, P\]"):
         pr.apply((), jnp.ones(10))
+
+
+def test_pallas_interpret_follows_the_backend():
+    """``interpret=None`` (the default): interpreted exactly on the CPU backend; an explicit value wins."""
+    from duet_jax.influence.projectors import pallas_interpret
+
+    on_cpu = jax.default_backend() == "cpu"
+    assert pallas_interpret() is on_cpu and pallas_interpret(True) is True and pallas_interpret(False) is False
+    assert make_projector("pallas", 9, 300, 128).interpret is on_cpu
+    assert make_projector("pallas", 9, 300, 128, interpret=True).interpret is True
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(3, 300)), jnp.float32)
+    a = make_projector("chunked", 9, 300, 128).apply((), x)
+    b = make_projector("pallas", 9, 300, 128).apply((), x)  # no option: runs on any backend
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
