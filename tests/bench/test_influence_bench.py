@@ -60,7 +60,7 @@ def test_bucketed_featurize_equals_full_length(monkeypatch):
     np.testing.assert_allclose(bucketed, full, rtol=1e-4, atol=1e-5 * np.abs(full).max())
 
 
-@pytest.mark.parametrize("last_layers,projector", [(None, "sjlt"), (1, "pallas")])
+@pytest.mark.parametrize("last_layers,projector", [(1, "sjlt")])  # the run's trunk path; pallas: tests/influence/test_domains.py
 def test_bench_featurize_is_the_runs(tmp_path, monkeypatch, last_layers, projector):
     """Ours calls the run's own functions (``domain_scorer``, ``domain_store``, ``featurize_rows``
     of ``duet_jax.influence.domains``, what ``domain_influence`` calls), with the configured

@@ -20,7 +20,7 @@ SEEDS = range(10)
 N_EVALS = 30
 
 
-@pytest.mark.parametrize("dim", [3, 5, 9])
+@pytest.mark.parametrize("dim", [3, 5])  # 9: in the bench suite (duet-jax bench bo), not in CI
 def test_median_simple_regret_beats_random_search(dim):
     before = trace_counts().get("run", 0)
     for f in (synthetic.smooth(dim), synthetic.multimodal(dim)):

@@ -1,4 +1,4 @@
-"""The DUET loop on a mesh: a smoke run on 1, 2, 4 and 8 CPU devices gives the single-device
+"""The DUET loop on a mesh: a smoke run on 1, 4 and 8 CPU devices gives the single-device
 history (same ratios, counts and seeds; feedbacks within float tolerance)."""
 
 import json
@@ -18,7 +18,7 @@ def _hist(d):
 
 def test_smoke_run_on_meshes_matches_one_device(tmp_path):
     runs = {}
-    for data, fsdp in [(1, 1), (1, 2), (2, 2), (2, 4)]:
+    for data, fsdp in [(1, 1), (2, 2), (2, 4)]:  # 1 x 2: tests/multidevice/test_sharded.py
         cfg = preset("smoke", method="duet_ur", k=2, warm_start=2, rounds=1, mesh={"data": data, "fsdp": fsdp})
         d = tmp_path / f"m{data}x{fsdp}"
         runs[(data, fsdp)] = (run(cfg, d, log=lambda s: None, progress=False), _hist(d))
