@@ -201,6 +201,11 @@ class FeatureStore:
 
     def write_chunk(self, i: int, features, valid=None) -> None:
         """Write chunk ``i`` atomically (features ``[m, dim]``, valid ``[m]``)."""
+        f, v = self._checked_chunk(i, features, valid)
+        _atomic_write(self._chunk_path(i), lambda fh: np.savez(fh, features=f, valid=v))
+
+    def _checked_chunk(self, i: int, features, valid) -> tuple[np.ndarray, np.ndarray]:
+        """Chunk ``i``'s features ``[m, dim]`` float32 and valid flags ``[m]`` bool, shapes checked."""
         s, e = self.chunk_range(i)
         f = np.asarray(features, np.float32)
         if f.shape != (e - s, self.dim):
@@ -208,7 +213,7 @@ class FeatureStore:
         v = np.ones(e - s, bool) if valid is None else np.asarray(valid, bool)
         if v.shape != (e - s,):
             raise InfluenceError(f"chunk {i} valid must be {(e - s,)}; got {v.shape}")
-        _atomic_write(self._chunk_path(i), lambda fh: np.savez(fh, features=f, valid=v))
+        return f, v
 
     def read_chunk(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         if not self.is_done(i):
@@ -254,14 +259,8 @@ class _MemoryStore(FeatureStore):
         return i in self._chunks
 
     def write_chunk(self, i: int, features, valid=None) -> None:
-        s, e = self.chunk_range(i)
-        f = np.array(features, np.float32)
-        if f.shape != (e - s, self.dim):
-            raise InfluenceError(f"chunk {i} features must be {(e - s, self.dim)}; got {f.shape}")
-        v = np.ones(e - s, bool) if valid is None else np.array(valid, bool)
-        if v.shape != (e - s,):
-            raise InfluenceError(f"chunk {i} valid must be {(e - s,)}; got {v.shape}")
-        self._chunks[i] = (f, v)
+        f, v = self._checked_chunk(i, features, valid)
+        self._chunks[i] = (f.copy(), v.copy())  # own copies: the caller may reuse its buffers
 
     def read_chunk(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         if not self.is_done(i):
