@@ -43,7 +43,8 @@ from duet_jax.errors import ConfigError
 
 __all__ = ["init_run_dir", "read_history", "append_history", "best_of", "save_best_adapter",
            "best_adapter_evaluation", "clean_stale", "lock_run_dir", "RunLock", "check_writable",
-           "summarize", "plots", "closing_table", "eval_line", "write_json", "write_npy", "read_config"]
+           "summarize", "plots", "closing_table", "eval_line", "write_json", "write_npy", "atomic_write",
+           "read_config"]
 
 BEST = "best_adapter"
 BEST_TMP = ".best_adapter.tmp"
@@ -52,10 +53,12 @@ TMP_PREFIX = ".tmp-"
 LOCK = ".lock"
 
 
-def _atomic_write(path: Path, write, mode: str = "w") -> None:
+def atomic_write(path: str | Path, write, mode: str = "w") -> None:
     """Call ``write(file)`` on a temporary file next to ``path``, fsync, rename it over ``path``. On
     any failure (ENOSPC, a kill signal turned into an exception) the temporary file is removed and
-    the error re-raised; ``path`` keeps its old content."""
+    the error re-raised; ``path`` keeps its old content. The one atomic writer of the package (run
+    directories, trunk caches, the influence store)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX)
     try:
@@ -71,12 +74,12 @@ def _atomic_write(path: Path, write, mode: str = "w") -> None:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text))
+    atomic_write(path, lambda f: f.write(text))
 
 
 def write_npy(path: str | Path, array: np.ndarray) -> None:
     """Atomic ``.npy`` write (complete or absent, like :func:`write_json`)."""
-    _atomic_write(Path(path), lambda f: np.save(f, array), "wb")
+    atomic_write(path, lambda f: np.save(f, array), "wb")
 
 
 def write_json(path: str | Path, obj) -> None:

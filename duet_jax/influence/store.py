@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,6 +27,7 @@ import jax
 import numpy as np
 
 from duet_jax.errors import InfluenceError
+from duet_jax.report import atomic_write
 
 __all__ = [
     "FeatureStore",
@@ -83,21 +83,6 @@ def store_metadata(
         **extra,
     }
     return json.loads(json.dumps(meta))  # normalise (tuples -> lists) so comparisons are exact
-
-
-def _atomic_write(path: str, write: Callable[[Any], None]) -> None:
-    d = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 class FeatureStore:
@@ -159,7 +144,7 @@ class FeatureStore:
             os.makedirs(os.path.join(path, "chunks"), exist_ok=True)
             os.makedirs(os.path.join(path, "arrays"), exist_ok=True)
             payload = json.dumps(header, indent=1, sort_keys=True).encode()
-            _atomic_write(hpath, lambda f: f.write(payload))
+            atomic_write(hpath, lambda f: f.write(payload), "wb")
         return cls(path, header)
 
     @classmethod
@@ -202,7 +187,7 @@ class FeatureStore:
     def write_chunk(self, i: int, features, valid=None) -> None:
         """Write chunk ``i`` atomically (features ``[m, dim]``, valid ``[m]``)."""
         f, v = self._checked_chunk(i, features, valid)
-        _atomic_write(self._chunk_path(i), lambda fh: np.savez(fh, features=f, valid=v))
+        atomic_write(self._chunk_path(i), lambda fh: np.savez(fh, features=f, valid=v), "wb")
 
     def _checked_chunk(self, i: int, features, valid) -> tuple[np.ndarray, np.ndarray]:
         """Chunk ``i``'s features ``[m, dim]`` float32 and valid flags ``[m]`` bool, shapes checked."""
@@ -238,7 +223,7 @@ class FeatureStore:
         if not name.replace("_", "").replace("-", "").isalnum():
             raise InfluenceError(f"array name must be alphanumeric (with _ or -); got {name!r}")
         a = np.asarray(array)
-        _atomic_write(os.path.join(self.path, "arrays", f"{name}.npy"), lambda f: np.save(f, a))
+        atomic_write(os.path.join(self.path, "arrays", f"{name}.npy"), lambda f: np.save(f, a), "wb")
 
     def load_array(self, name: str) -> np.ndarray:
         p = os.path.join(self.path, "arrays", f"{name}.npy")
