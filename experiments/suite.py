@@ -57,9 +57,7 @@ def result_path(results: Path, setting: str, method: str, seed: int) -> Path:
 
 def make_config(setting, method, seed, variant, *, preset_name="demo", warm_start=DEFAULT_WARM,
                 rounds=DEFAULT_ROUNDS, extra=None, scratch: Path | None = None):
-    from experiments.settings import run_config
-
-    from experiments.settings import ABLATIONS, split_key
+    from experiments.settings import ABLATIONS, run_config, split_key
 
     extra = dict(extra or {})
     if scratch is not None:

@@ -124,3 +124,32 @@ def test_known_optimum_rules_share_the_instruction_and_disagree_on_the_order():
     assert plan.target_name == "rule_reverse" and "rule_reverse" in plan.names and len(plan.names) == 6
     train_prompts = {e.prompt for e in plan.train["rule_reverse"]}
     assert not train_prompts & {e.prompt for e in plan.target_examples}  # scored on unseen strings
+
+
+def test_known_optimum_section_reports_reach_share_and_error(tmp_path):
+    from experiments.report import known_optimum_section
+
+    opt = settings.SETTINGS["known_optimum"].optimum
+    other = next(d for d in settings.SETTINGS["known_optimum"].domains if d != opt)
+
+    def ev(i, share, fb, k=1):
+        return {"eval": i, "ratio": {opt: share, other: 1.0 - share}, "feedback": fb,
+                "feedbacks": [fb] * k}
+
+    for key, k, hist in (("duet_if", 1, [ev(0, 0.5, -3.0), ev(1, 0.9, -2.5), ev(2, 0.85, -2.6)]),
+                         ("duet_if@k2", 2, [ev(0, 0.1, -3.5, 2), ev(1, 0.3, -3.2, 2)])):
+        d = tmp_path / "known_optimum" / key
+        d.mkdir(parents=True)
+        (d / "seed0.json").write_text(json.dumps({"setting": "known_optimum", "method": key, "seed": 0,
+                                                  "variant": "demo", "config": {"k": k}, "history": hist}))
+    sep = tmp_path / "separation" / "known_optimum"
+    sep.mkdir(parents=True)
+    (sep / "demo.jsonl").write_text("".join(
+        json.dumps({"kind": "optimum", "metrics": {"neg_loss": v}}) + "\n" for v in (-2.4, -2.2)))
+    lines, have = known_optimum_section(tmp_path)
+    assert have
+    rows = {ln.split(" | ")[0].lstrip("| "): ln for ln in lines if ln.startswith("| duet_if")}
+    # best -2.5 at eval index 1 (reached there: share 0.9 >= 0.8), error = -2.3 - (-2.5)
+    assert rows["duet_if"] == "| duet_if | 0 | 1 | -2.5000 | 0.90 | 2 (3) | +0.2000 |"
+    assert rows["duet_if@k2"] == "| duet_if@k2 | 0 | 2 | -3.2000 | 0.30 | never (2) | +0.9000 |"
+    assert known_optimum_section(tmp_path / "empty")[1] is False  # no runs: no section
