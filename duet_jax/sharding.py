@@ -51,6 +51,8 @@ __all__ = [
     "gather",
     "place_pool",
     "process_rows",
+    "trunk_rows",
+    "local_rows",
     "from_process_local",
     "constrain_batch",
     "initialize_distributed",
@@ -232,6 +234,26 @@ def place_pool(pool, mesh: Mesh):
     if pool.hidden is None:
         return rest
     return dataclasses.replace(rest, hidden=shard_rows(pool.hidden, mesh))
+
+
+def trunk_rows(n: int, mesh: Mesh, axes: Sequence[str] = BATCH_AXES) -> int:
+    """Rows of a per-process row-sharded array of ``n`` rows: ``n`` rounded up to a multiple of the
+    devices on ``axes`` (the extra rows are zeros nobody indexes), so the rows split evenly over
+    the processes whatever ``n`` is."""
+    total = int(np.prod([mesh.shape[a] for a in axes if a in mesh.shape]))
+    return -(-n // total) * total
+
+
+def local_rows(x) -> np.ndarray:
+    """This process's block of a row-sharded array as host numpy (the rows
+    :func:`process_rows` names, in order); the whole array when it is fully addressable."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x)
+    blocks = {}
+    for sh in x.addressable_shards:
+        start = sh.index[0].start or 0
+        blocks.setdefault(start, sh.data)
+    return np.concatenate([np.asarray(blocks[k]) for k in sorted(blocks)])
 
 
 def process_rows(n: int, mesh: Mesh, axes: Sequence[str] = BATCH_AXES) -> tuple[int, int]:

@@ -236,9 +236,23 @@ class Setting:
         if not self.config.trunk_dir:
             return compute()
         from duet_jax.report import write_npy
-        from duet_jax.sharding import all_processes, process_dir
+        from duet_jax.sharding import (
+            all_processes,
+            from_process_local,
+            local_rows,
+            process_dir,
+            process_rows,
+            trunk_rows,
+        )
 
-        path = process_dir(self.config.trunk_dir) / f"{self._trunk_key(pool)}.npy"
+        # several processes: each caches (and reads back) only its own block of rows
+        per_process = self.mesh is not None and jax.process_count() > 1
+        span = ""
+        if per_process:
+            n_rows = trunk_rows(len(pool), self.mesh)
+            lo, hi = process_rows(n_rows, self.mesh)
+            span = f"-rows{lo}-{hi}of{n_rows}"
+        path = process_dir(self.config.trunk_dir) / f"{self._trunk_key(pool)}{span}.npy"
         cached = None
         if path.exists():
             try:
@@ -246,9 +260,9 @@ class Setting:
             except (OSError, ValueError) as e:  # a torn or foreign file: recompute and replace it
                 self.log(f"  trunk cache {path} unreadable ({e}); recomputing")
         if all_processes(cached is not None):  # the pass is a collective: every process or none
-            return jnp.asarray(cached)
+            return from_process_local(cached, n_rows, self.mesh) if per_process else jnp.asarray(cached)
         hidden = compute()
-        write_npy(path, np.asarray(hidden))
+        write_npy(path, local_rows(hidden))
         return hidden
 
     def _trunk_key(self, pool) -> str:

@@ -18,7 +18,17 @@ from flax import nnx
 
 from duet_jax.errors import ConfigError
 from duet_jax.models.lora import LoRAParam, lora_layers
-from duet_jax.sharding import as_mesh, batch_sharding, gather, put, replicate, shard_frozen
+from duet_jax.sharding import (
+    as_mesh,
+    batch_sharding,
+    from_process_local,
+    gather,
+    process_rows,
+    put,
+    replicate,
+    shard_frozen,
+    trunk_rows,
+)
 from duet_jax.train.pool import Pool
 
 __all__ = ["split_model", "trunk_start", "slot_logprobs", "run_layers_remat", "trunk_hidden"]
@@ -95,6 +105,10 @@ def trunk_hidden(graphdef, lora, frozen, pool: Pool, *, start: int, batch_size: 
 
     ``mesh`` (a ``Mesh`` or :class:`~duet_jax.sharding.MeshConfig`): frozen weights FSDP-sharded,
     each chunk's rows split over the mesh; the result is gathered on the host as without a mesh.
+    With several processes (multi-host) each process keeps only its own rows on the host: the
+    result is a global array of :func:`~duet_jax.sharding.trunk_rows` rows (the pool's, padded with
+    zero rows to a multiple of the mesh size) sharded by rows, built from each process's block
+    (``jax.make_array_from_process_local_data``); no process ever holds the whole ``[N, T, D]``.
     """
     mesh = as_mesh(mesh)
     if mesh is not None:
@@ -107,6 +121,11 @@ def trunk_hidden(graphdef, lora, frozen, pool: Pool, *, start: int, batch_size: 
     n, t = ids.shape
     lengths = att.sum(1)
     padded = np.minimum(-(-np.maximum(lengths, 1) // bucket) * bucket, t)
+    lo, hi = 0, n
+    local = mesh is not None and jax.process_count() > 1
+    if local:
+        n_rows = trunk_rows(n, mesh)
+        lo, hi = process_rows(n_rows, mesh)
     out = None
     for L in sorted(set(padded.tolist())):
         rows = np.flatnonzero(padded == L)
@@ -118,8 +137,11 @@ def trunk_hidden(graphdef, lora, frozen, pool: Pool, *, start: int, batch_size: 
                 ci, ca = put(ci, rows_sharding), put(ca, rows_sharding)
             h = _trunk_chunk(graphdef, lora, frozen, jnp.asarray(ci), jnp.asarray(ca),
                              start=int(start), dtype=jnp.dtype(dtype))
-            h = gather(h)
+            h = gather(h)[: chunk.size]
             if out is None:
-                out = np.zeros((n, t, h.shape[-1]), h.dtype)
-            out[chunk, :L] = h[: chunk.size]
+                out = np.zeros((hi - lo, t, h.shape[-1]), h.dtype)
+            mine = (chunk >= lo) & (chunk < hi)
+            out[chunk[mine] - lo, :L] = h[mine]
+    if local:
+        return from_process_local(out, n_rows, mesh)
     return jnp.asarray(out)

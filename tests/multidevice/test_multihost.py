@@ -6,6 +6,7 @@ history in both processes and ends with the same history and best adapter."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -28,11 +29,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(dirs: list[Path]) -> list[dict]:
+def _launch(dirs: list[Path], cfg: dict = CFG) -> list[dict]:
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "tests.multidevice.multihost_worker", str(i), "2", str(port),
-                               str(d), json.dumps(CFG)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               str(d), json.dumps(cfg)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i, d in enumerate(dirs)]
     outs = []
     for p in procs:
@@ -53,10 +54,14 @@ def _hist(d: Path) -> list[dict]:
 
 def test_two_processes_run_like_one_and_only_process_0_writes(tmp_path):
     ref_dir = tmp_path / "one-process"
-    ref = run(preset("smoke", **CFG), ref_dir, log=lambda s: None, progress=False)
+    lines = []
+    ref = run(preset("smoke", **CFG), ref_dir, log=lines.append, progress=False)
     ref_h = _hist(ref_dir)
+    n_pool = int(re.search(r"pool: (\d+) examples", "\n".join(lines)).group(1))
     p0, p1 = tmp_path / "p0", tmp_path / "p1"
-    outs = _launch([p0, p1])
+    trunk = tmp_path / "trunk"  # each process caches its own block of the pool's trunk states
+    cfg = {**CFG, "trunk_dir": str(trunk)}
+    outs = _launch([p0, p1], cfg)
     assert [o["process"] for o in outs] == [0, 1]
     same = lambda o: {k: v for k, v in o["summary"].items() if k != "wall_seconds"}
     assert same(outs[0]) == same(outs[1])  # every process ends with the same answer
@@ -78,12 +83,22 @@ def test_two_processes_run_like_one_and_only_process_0_writes(tmp_path):
     _, lora0, _ = split_model(load_run_model(preset("smoke", **CFG), lambda s: None)[1])
     restore_checkpoint(p0 / "best_adapter", lora0)
 
+    # per-process data: the pool's trunk states (padded to a multiple of the 4 devices) split in
+    # two blocks, one per process; no process holds every row
+    n_rows = -(-n_pool // 4) * 4
+    for i in (0, 1):
+        files = [f for f in (trunk / f"process{i}").glob("*.npy") if f"of{n_rows}" in f.name]
+        assert len(files) == 1, sorted((trunk / f"process{i}").glob("*"))
+        lo, hi = (0, n_rows // 2) if i == 0 else (n_rows // 2, n_rows)
+        assert f"-rows{lo}-{hi}of{n_rows}" in files[0].name
+        assert np.load(files[0]).shape[0] == n_rows // 2 < n_pool
+
     # resume: process 0's history cut after its first evaluation, best_adapter/ gone
     (p0 / "history.jsonl").write_text(json.dumps(h[0]) + "\n")
     import shutil
 
     shutil.rmtree(p0 / "best_adapter")
-    outs2 = _launch([p0, p1])
+    outs2 = _launch([p0, p1], cfg)  # the trunk states now read back from each process's block
     h2 = _hist(p0)
     assert [r["seed"] for r in h2] == [r["seed"] for r in h]
     np.testing.assert_allclose([r["feedbacks"] for r in h2], [r["feedbacks"] for r in h], rtol=1e-6)
