@@ -49,7 +49,8 @@ from duet_jax.bench.common import load_average
 HELP = "BO regret suite (ours, paper, BoTorch LogEI/UCB, random) and round time vs BoTorch"
 
 __all__ = ["HELP", "add_arguments", "main", "Case", "cases", "run_suite", "summarize",
-           "table_markdown", "time_rounds", "near_duplicates", "botorch_round", "METHODS"]
+           "table_markdown", "verdicts", "verdict_markdown", "time_rounds", "near_duplicates",
+           "botorch_round", "METHODS"]
 
 METHODS = ("ours", "paper", "botorch-logei", "botorch-ucb", "random")
 KINDS = ("smooth", "multimodal", "peaks", "needle")
@@ -370,6 +371,51 @@ def table_markdown(rows: list[dict], evals=(30, 60)) -> str:
     return "\n".join([head, sep, *body])
 
 
+def verdicts(rows: list[dict], at: int = 30) -> list[dict]:
+    """Issue 13's bar, per case: ``ours``'s median regret at ``at`` evaluations against the best
+    BoTorch acquisition's (the lower median of ``botorch-*``) and random search's. ``ratio`` =
+    ours / best BoTorch (None without a BoTorch row); ``meets``: ratio <= 1.1 (or BoTorch's median
+    is 0 and ours too) and ours below random; False as soon as ours is not below random; None when
+    that is not known (a side missing)."""
+    by_case: dict = {}
+    for r in rows:
+        q = r.get(f"@{at}")
+        if q is not None:
+            by_case.setdefault(r["case"], {})[r["method"]] = (q[1], r["seeds"])
+    out = []
+    for case in sorted(by_case, key=_case_key):
+        m = by_case[case]
+        ours, rand = m.get("ours"), m.get("random")
+        bt = [(v, k) for k, v in m.items() if k.startswith("botorch")]
+        best = min(bt) if bt else None
+        ratio = None
+        if ours and best:
+            b = best[0][0]
+            ratio = (ours[0] / b) if b > 0 else (1.0 if ours[0] <= 0 else float("inf"))
+        meets = None
+        if ours and rand and ours[0] >= rand[0]:
+            meets = False  # not below random search: fails whatever BoTorch does
+        elif ours and rand and best:
+            meets = bool(ratio <= 1.1)
+        out.append({"case": case, "ours": ours, "botorch": None if not best else (best[1], *best[0]),
+                    "random": rand, "ratio": ratio, "meets": meets})
+    return out
+
+
+def verdict_markdown(vs: list[dict], at: int = 30) -> str:
+    head = ("| case | ours (seeds) | best BoTorch (seeds) | random (seeds) | ours / BoTorch | "
+            "bar met (<= 1.1x, < random) |\n|---|---|---|---|---:|---|")
+    cell = lambda t: "-" if t is None else f"{t[0]:.4f} ({t[1]})"  # noqa: E731
+    body = []
+    for v in vs:
+        b = v["botorch"]
+        bt = "-" if b is None else f"{b[1]:.4f} ({b[2]}, {b[0].split('-', 1)[1]})"
+        ratio = "-" if v["ratio"] is None else f"{v['ratio']:.2f}x"
+        meets = {None: "BoTorch not measured", True: "yes", False: "**no**"}[v["meets"]]
+        body.append(f"| {v['case']} | {cell(v['ours'])} | {bt} | {cell(v['random'])} | {ratio} | {meets} |")
+    return "\n".join([f"Median simple regret after {at} evaluations:", "", head, *body])
+
+
 # ------------------------------------------------------------------------------------ timing
 
 
@@ -487,4 +533,6 @@ def main(args) -> int:
         print()
     else:
         print(table_markdown(rows, evals))
+        print()
+        print(verdict_markdown(verdicts(rows, evals[0]), evals[0]))
     return 0

@@ -119,7 +119,7 @@ class BOConfig:
     raw_sparse: float = 0.25
     raw_local: int = 64
     local_sd: float = 0.05
-    dedup_tol: float = 0.02
+    dedup_tol: float = 0.0
     dedup_sd: float = 0.1
     ts_candidates: int = 512
     min_share: float = 0.0
