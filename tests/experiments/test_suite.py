@@ -153,3 +153,16 @@ def test_known_optimum_section_reports_reach_share_and_error(tmp_path):
     assert rows["duet_if"] == "| duet_if | 0 | 1 | -2.5000 | 0.90 | 2 (3) | +0.2000 |"
     assert rows["duet_if@k2"] == "| duet_if@k2 | 0 | 2 | -3.2000 | 0.30 | never (2) | +0.9000 |"
     assert known_optimum_section(tmp_path / "empty")[1] is False  # no runs: no section
+
+
+def test_committed_results_still_match_the_suite_configs():
+    """A library default that changes (issue 13 turned BO's near-duplicate check off) must not change
+    the configs of the suite's runs: finished runs would be refused on the next `suite run`."""
+    from duet_jax.config import config_hash
+
+    files = sorted(suite.RESULTS.glob("*/*/seed*.json"))
+    assert files, "no committed results"
+    for p in files:
+        d = json.loads(p.read_text())
+        c = suite.make_config(d["setting"], d["method"], d["seed"], d["variant"])
+        assert config_hash(c) == d["config_hash"], p
