@@ -70,7 +70,9 @@ class BOConfig:
       dedup_tol, dedup_sd: near-duplicate check. A proposal within ``dedup_tol`` in every share of
         an observed (or pending) ratio is refused unless the model says repeating it is worth it:
         its posterior sd there is at least ``dedup_sd`` times the signal sd (noisy feedback);
-        the best refused-free point of the search is taken instead. ``dedup_tol=0``: off.
+        the best refused-free point of the search is taken instead. ``dedup_tol=0`` (default):
+        off; on the benchmark suite refusing close repeats cost regret on every noiseless case
+        (docs/bo.md).
       ts_candidates: points on which a Thompson sample is drawn jointly.
       min_share: shares below it are set to zero (the largest share and domains with a positive
         lower bound are kept). renormalize_min_share: then rescale the rest to sum to one
