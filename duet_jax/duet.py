@@ -105,7 +105,6 @@ def make_proposer(method, setting, run_dir: Path):
     if method.proposer == "uniform":
         return FixedRatio(np.full(n, 1.0 / n), caps), {}
     from duet_jax.loop.proxies import run_proxy
-
     from duet_jax.sharding import broadcast_json, is_primary
 
     path = Path(run_dir) / "proxy.json"
