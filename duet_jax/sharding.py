@@ -52,6 +52,7 @@ __all__ = [
     "place_pool",
     "process_rows",
     "trunk_rows",
+    "process_block",
     "local_rows",
     "from_process_local",
     "constrain_batch",
@@ -242,6 +243,16 @@ def trunk_rows(n: int, mesh: Mesh, axes: Sequence[str] = BATCH_AXES) -> int:
     the processes whatever ``n`` is."""
     total = int(np.prod([mesh.shape[a] for a in axes if a in mesh.shape]))
     return -(-n // total) * total
+
+
+def process_block(n: int, mesh: Mesh | None) -> tuple[int, int, int] | None:
+    """The per-process plan of a row-sharded ``[n, ...]`` array (the frozen-trunk cache) when
+    there are several processes: ``(n_rows, lo, hi)``, the padded row count (:func:`trunk_rows`)
+    and this process's rows ``[lo, hi)``; ``None`` with one process or no mesh (every row here)."""
+    if mesh is None or jax.process_count() == 1:
+        return None
+    n_rows = trunk_rows(n, mesh)
+    return (n_rows, *process_rows(n_rows, mesh))
 
 
 def local_rows(x) -> np.ndarray:

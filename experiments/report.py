@@ -38,6 +38,12 @@ def _pm(vals, nd=4):
 
 
 # ------------------------------------------------------------------------------ separation
+def _neg_losses(recs: list[dict], kind: str) -> list[float]:
+    """The measured neg_loss of the separation records of one ``kind`` (ratio / resample / optimum)."""
+    return [r["metrics"]["neg_loss"] for r in recs if r["kind"] == kind
+            and r["metrics"].get("neg_loss") is not None]
+
+
 def separation_section(results: Path) -> list[str]:
     out = ["## 1. Separation: can the setting tell mixtures apart?", "",
            f"Per setting and size variant: the unseen task's feedback at {N_RATIOS} random Dirichlet(1) ratios "
@@ -96,11 +102,9 @@ def separation_section(results: Path) -> list[str]:
                            "setup (model load, pool trunk pass) "
                            + ", ".join(f"{x['setup_s']:.0f} s at load {x['loadavg'][0]:.1f}" for x in sess)
                            + f". {len(ev)} of {N_RATIOS + N_RESAMPLES} evaluations done.")
-            opt = [r["metrics"]["neg_loss"] for r in recs if r["kind"] == "optimum"
-                   and r["metrics"].get("neg_loss") is not None]
+            opt = _neg_losses(recs, "optimum")
             if opt:
-                rat = [r["metrics"]["neg_loss"] for r in recs if r["kind"] == "ratio"
-                       and r["metrics"].get("neg_loss") is not None]
+                rat = _neg_losses(recs, "ratio")
                 o = SETTINGS[st].optimum
                 out.append("")
                 out.append(f"Known optimum: all of {o} (its vertex re-sampled {len(opt)} times) gives neg_loss "
@@ -347,8 +351,7 @@ def known_optimum_section(results: Path) -> tuple[list[str], bool]:
         vertex = {}
         for var in VARIANTS:
             recs = load(results / "separation" / st / f"{var}.jsonl")
-            opt = [r["metrics"]["neg_loss"] for r in recs if r["kind"] == "optimum"
-                   and r["metrics"].get("neg_loss") is not None]
+            opt = _neg_losses(recs, "optimum")
             if opt:
                 vertex[var] = float(np.mean(opt))
         out += [f"### {st} (optimum: all of {spec.optimum})", "",

@@ -220,7 +220,7 @@ def run_config(setting: str, method: str, seed: int, variant: str = "demo", *, p
         for r in RULES:
             rule_file(r)
     method, abl = split_key(method)
-    over = _merge(SUITE_FIXED, VARIANTS[variant], variant) if VARIANTS[variant] else dict(SUITE_FIXED)
+    over = _merge(SUITE_FIXED, VARIANTS[variant], variant)
     over = _merge(over, extra or {}, "extra")
     over.update(method=method, seed=seed, target=spec.target(), domains=list(spec.domains), mode=spec.mode)
     if rounds is not None:

@@ -71,8 +71,8 @@ class BOConfig:
         an observed (or pending) ratio is refused unless the model says repeating it is worth it:
         its posterior sd there is at least ``dedup_sd`` times the signal sd (noisy feedback);
         the best refused-free point of the search is taken instead. ``dedup_tol=0`` (default):
-        off; on the benchmark suite refusing close repeats cost regret on every noiseless case
-        (docs/bo.md).
+        off; on the benchmark suite (5 seeds) refusing close repeats raised the median regret on
+        6 of 8 noiseless cases and left the other 2 level (docs/bo.md).
       ts_candidates: points on which a Thompson sample is drawn jointly.
       min_share: shares below it are set to zero (the largest share and domains with a positive
         lower bound are kept). renormalize_min_share: then rescale the rest to sum to one

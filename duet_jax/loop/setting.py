@@ -240,18 +240,13 @@ class Setting:
             all_processes,
             from_process_local,
             local_rows,
+            process_block,
             process_dir,
-            process_rows,
-            trunk_rows,
         )
 
         # several processes: each caches (and reads back) only its own block of rows
-        per_process = self.mesh is not None and jax.process_count() > 1
-        span = ""
-        if per_process:
-            n_rows = trunk_rows(len(pool), self.mesh)
-            lo, hi = process_rows(n_rows, self.mesh)
-            span = f"-rows{lo}-{hi}of{n_rows}"
+        block = process_block(len(pool), self.mesh)
+        span = "" if block is None else "-rows{1}-{2}of{0}".format(*block)
         path = process_dir(self.config.trunk_dir) / f"{self._trunk_key(pool)}{span}.npy"
         cached = None
         if path.exists():
@@ -260,7 +255,7 @@ class Setting:
             except (OSError, ValueError) as e:  # a torn or foreign file: recompute and replace it
                 self.log(f"  trunk cache {path} unreadable ({e}); recomputing")
         if all_processes(cached is not None):  # the pass is a collective: every process or none
-            return from_process_local(cached, n_rows, self.mesh) if per_process else jnp.asarray(cached)
+            return jnp.asarray(cached) if block is None else from_process_local(cached, block[0], self.mesh)
         hidden = compute()
         write_npy(path, local_rows(hidden))
         return hidden

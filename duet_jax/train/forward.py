@@ -23,11 +23,10 @@ from duet_jax.sharding import (
     batch_sharding,
     from_process_local,
     gather,
-    process_rows,
+    process_block,
     put,
     replicate,
     shard_frozen,
-    trunk_rows,
 )
 from duet_jax.train.pool import Pool
 
@@ -121,11 +120,8 @@ def trunk_hidden(graphdef, lora, frozen, pool: Pool, *, start: int, batch_size: 
     n, t = ids.shape
     lengths = att.sum(1)
     padded = np.minimum(-(-np.maximum(lengths, 1) // bucket) * bucket, t)
-    lo, hi = 0, n
-    local = mesh is not None and jax.process_count() > 1
-    if local:
-        n_rows = trunk_rows(n, mesh)
-        lo, hi = process_rows(n_rows, mesh)
+    block = process_block(n, mesh)  # several processes: only this process's rows on the host
+    lo, hi = (0, n) if block is None else block[1:]
     out = None
     for L in sorted(set(padded.tolist())):
         rows = np.flatnonzero(padded == L)
@@ -142,6 +138,6 @@ def trunk_hidden(graphdef, lora, frozen, pool: Pool, *, start: int, batch_size: 
                 out = np.zeros((hi - lo, t, h.shape[-1]), h.dtype)
             mine = (chunk >= lo) & (chunk < hi)
             out[chunk[mine] - lo, :L] = h[mine]
-    if local:
-        return from_process_local(out, n_rows, mesh)
+    if block is not None:
+        return from_process_local(out, block[0], mesh)
     return jnp.asarray(out)
