@@ -16,7 +16,14 @@ import numpy as np
 
 from experiments.separation import N_RATIOS, N_RESAMPLES, load, spreads
 from experiments.settings import SETTINGS, VARIANTS
-from experiments.suite import METHODS, RESULTS, best_so_far, finished_runs, write_summary
+from experiments.suite import (
+    METHODS,
+    RESULTS,
+    best_so_far,
+    finished_runs,
+    setting_label,
+    write_summary,
+)
 
 HERE = Path(__file__).resolve().parent
 PAGE = HERE / "RESULTS.md"
@@ -127,11 +134,23 @@ def separation_section(results: Path) -> list[str]:
 
 # ------------------------------------------------------------------------------ methods
 def _runs(results: Path) -> dict:
+    """``{label: {method: [run, ...]}}``, label = ``setting_label(setting, variant)``."""
     runs: dict = {}
     for d in finished_runs(results):
         if d.get("setting") in SETTINGS:
-            runs.setdefault(d["setting"], {}).setdefault(d["method"], []).append(d)
+            label = setting_label(d["setting"], d.get("variant"))
+            runs.setdefault(label, {}).setdefault(d["method"], []).append(d)
     return runs
+
+
+def _labels(runs: dict, *, demo_always: bool = False):
+    """``(setting, variant, label)`` in the order of SETTINGS and VARIANTS: the labels with runs
+    (and every setting's demo label when ``demo_always``)."""
+    for st in SETTINGS:
+        for var in VARIANTS:
+            label = setting_label(st, var)
+            if label in runs or (demo_always and var == "demo"):
+                yield st, var, label
 
 
 def _plot(setting: str, methods: dict, path: Path) -> bool:
@@ -236,7 +255,7 @@ def methods_section(results: Path) -> list[str]:
     if not runs:
         return out + ["Not yet measured.", ""]
     sentences = []
-    for st in SETTINGS:
+    for _, _, st in _labels(runs, demo_always=True):
         if st not in runs:
             out += [f"### {st}", "", "Not yet measured.", ""]
             continue
@@ -308,7 +327,7 @@ def ablations_section(results: Path) -> tuple[list[str], bool]:
            "plain*: the paired per-seed difference of the best feedback against the plain METHOD's run of the "
            "same seed (rule as in section 2).", ""]
     any_data = False
-    for st in SETTINGS:
+    for _, _, st in _labels(runs):
         keys = sorted(k for k in runs.get(st, {}) if "@" in k)
         if not keys:
             continue
@@ -344,21 +363,18 @@ def known_optimum_section(results: Path) -> tuple[list[str], bool]:
            "(`@k2`, `@k4`) the best is the best of k mixtures (the paper's Theorem 3.2: the error shrinks "
            "with k).", ""]
     any_data = False
-    for st, spec in SETTINGS.items():
-        if spec.optimum is None or st not in runs:
+    for setting, var, label in _labels(runs):
+        spec = SETTINGS[setting]
+        if spec.optimum is None:
             continue
         any_data = True
-        vertex = {}
-        for var in VARIANTS:
-            recs = load(results / "separation" / st / f"{var}.jsonl")
-            opt = _neg_losses(recs, "optimum")
-            if opt:
-                vertex[var] = float(np.mean(opt))
-        out += [f"### {st} (optimum: all of {spec.optimum})", "",
+        opt = _neg_losses(load(results / "separation" / setting / f"{var}.jsonl"), "optimum")
+        v = float(np.mean(opt)) if opt else None
+        out += [f"### {label} (optimum: all of {spec.optimum})", "",
                 "| run | seed | k | best neg_loss | optimum share in best | reached at (of evals) | error |",
                 "| --- | --- | --- | --- | --- | --- | --- |"]
-        for key in sorted(runs[st]):
-            for d in sorted(runs[st][key], key=lambda d: d["seed"]):
+        for key in sorted(runs[label]):
+            for d in sorted(runs[label][key], key=lambda d: d["seed"]):
                 h = [r for r in d["history"] if r.get("feedback") is not None]
                 if not h:
                     continue
@@ -366,15 +382,14 @@ def known_optimum_section(results: Path) -> tuple[list[str], bool]:
                 share = best["ratio"].get(spec.optimum, 0.0)
                 reach = next((r["eval"] + 1 for r in d["history"]
                               if r["ratio"].get(spec.optimum, 0.0) >= REACH_SHARE), None)
-                v = vertex.get(d.get("variant", "demo"))
                 err = "–" if v is None else f"{v - best['feedback']:+.4f}"
                 k = d.get("config", {}).get("k", len(best.get("feedbacks") or [1]))
                 out.append(f"| {key} | {d['seed']} | {k} | {best['feedback']:.4f} | {share:.2f} | "
                            f"{'never' if reach is None else reach} ({len(d['history'])}) | {err} |")
-        if not vertex:
+        if v is None:
             out.append("")
             out.append(f"The vertex's feedback is not yet measured (`python -m experiments.separation "
-                       f"--setting {st}`): no error column.")
+                       f"--setting {setting} --variant {var}`): no error column.")
         out.append("")
     return out, any_data
 

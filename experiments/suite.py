@@ -14,7 +14,8 @@ share one influence store (``.../influence/seed<N>``: computed once, reused by d
 and every run reads the frozen trunk's states of its pools from ``<scratch>/trunk`` (computed by the
 first run that needs them).
 A finished run's config, summary and full history are copied to
-``experiments/results/<setting>/<method>/seed<N>.json``; a rerun skips runs whose result file is
+``experiments/results/<setting>/<method>/seed<N>.json`` (``<setting>-<variant>/`` for a variant other
+than ``demo``, e.g. ``known_optimum-mid/``; the summary and the report name it so too); a rerun skips runs whose result file is
 there (with the same config hash) and resumes a killed one from its run directory (the loop replays
 finished evaluations, never redoes them). Every run is a child process; ``--max-minutes`` kills the
 child at the deadline (it resumes next time) and starts nothing after it. ``summary.json`` is
@@ -51,8 +52,15 @@ def run_dir(scratch: Path, variant: str, setting: str, method: str, seed: int) -
     return scratch / "runs" / variant / setting / method / f"seed{seed}"
 
 
-def result_path(results: Path, setting: str, method: str, seed: int) -> Path:
-    return results / setting / method / f"seed{seed}.json"
+def setting_label(setting: str, variant: str | None = "demo") -> str:
+    """Where a (setting, variant)'s runs live and how the summary and the report name them: the
+    setting itself at the demo sizes, ``SETTING-VARIANT`` for a stronger variant (``known_optimum-mid``),
+    so runs of two sizes never share a result file."""
+    return setting if variant in (None, "demo") else f"{setting}-{variant}"
+
+
+def result_path(results: Path, setting: str, method: str, seed: int, variant: str = "demo") -> Path:
+    return results / setting_label(setting, variant) / method / f"seed{seed}.json"
 
 
 def make_config(setting, method, seed, variant, *, preset_name="demo", warm_start=DEFAULT_WARM,
@@ -71,10 +79,10 @@ def make_config(setting, method, seed, variant, *, preset_name="demo", warm_star
                       warm_start=warm_start, extra=extra)
 
 
-def is_done(results: Path, setting, method, seed, config) -> bool:
+def is_done(results: Path, setting, method, seed, config, variant: str = "demo") -> bool:
     from duet_jax.config import config_hash
 
-    p = result_path(results, setting, method, seed)
+    p = result_path(results, setting, method, seed, variant)
     if not p.exists():
         return False
     try:
@@ -100,7 +108,7 @@ def collect(rdir: Path, results: Path, setting, method, seed, variant, config, w
     acc = rdir / "accuracy.json"
     if acc.exists():
         out["accuracy"] = json.loads(acc.read_text())
-    p = result_path(results, setting, method, seed)
+    p = result_path(results, setting, method, seed, variant)
     p.parent.mkdir(parents=True, exist_ok=True)
     report.write_json(p, out)
     return p
@@ -144,7 +152,7 @@ def write_summary(results: Path = RESULTS) -> dict:
 
     settings: dict = {}
     for d in finished_runs(results):
-        s = settings.setdefault(d["setting"], {}).setdefault(d["method"], {"values": [], "metric": None,
+        s = settings.setdefault(setting_label(d["setting"], d.get("variant")), {}).setdefault(d["method"], {"values": [], "metric": None,
                                                                             "variant": d.get("variant"),
                                                                             "acc": {}})
         s["values"].append(d["summary"].get("best_feedback"))
@@ -256,7 +264,7 @@ def cmd_run(a) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     n_done = n_run = 0
     for seed, setting, method, cfg in grid(a, scratch):
-        if is_done(results, setting, method, seed, cfg):
+        if is_done(results, setting, method, seed, cfg, a.variant):
             n_done += 1
             continue
         if deadline is not None and time.time() >= deadline:
@@ -292,7 +300,7 @@ def cmd_run(a) -> int:
                 return rc
             continue
         n_run += 1
-        s = json.loads(result_path(results, setting, method, seed).read_text())["summary"]
+        s = json.loads(result_path(results, setting, method, seed, a.variant).read_text())["summary"]
         print(f"suite:   best {s.get('best_feedback')} (uniform {s.get('uniform_feedback')}) in "
               f"{time.time() - t:.0f} s [load {os.getloadavg()[0]:.1f}]", flush=True)
         write_summary(results)
@@ -360,7 +368,7 @@ def cmd_status(a) -> int:
 
     left = 0
     for seed, setting, method, cfg in grid(a, scratch):
-        if is_done(results, setting, method, seed, cfg):
+        if is_done(results, setting, method, seed, cfg, a.variant):
             state = "done"
         else:
             left += 1

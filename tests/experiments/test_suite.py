@@ -155,6 +155,38 @@ def test_known_optimum_section_reports_reach_share_and_error(tmp_path):
     assert known_optimum_section(tmp_path / "empty")[1] is False  # no runs: no section
 
 
+def test_a_variant_run_lives_apart_from_the_demo_run_of_its_setting(tmp_path):
+    """known_optimum at `mid` and at `demo`, same method and seed: two result files, two summary
+    entries, two report sections, each with its own variant's vertex."""
+    from experiments.report import known_optimum_section
+
+    assert suite.result_path(tmp_path, "known_optimum", "duet_if", 0) == \
+        tmp_path / "known_optimum" / "duet_if" / "seed0.json"
+    assert suite.result_path(tmp_path, "known_optimum", "duet_if", 0, "mid") == \
+        tmp_path / "known_optimum-mid" / "duet_if" / "seed0.json"
+    opt = settings.SETTINGS["known_optimum"].optimum
+    for var, fb, vertex in (("demo", -2.5, -2.3), ("mid", -1.6, -1.5)):
+        p = suite.result_path(tmp_path, "known_optimum", "duet_if", 0, var)
+        p.parent.mkdir(parents=True)
+        hist = [{"eval": 0, "ratio": {opt: 1.0}, "feedback": fb}]
+        p.write_text(json.dumps({"setting": "known_optimum", "method": "duet_if", "seed": 0, "variant": var,
+                                 "config": {"k": 1}, "history": hist,
+                                 "summary": {"best_feedback": fb, "metric": "neg_loss"}}))
+        sep = tmp_path / "separation" / "known_optimum"
+        sep.mkdir(parents=True, exist_ok=True)
+        (sep / f"{var}.jsonl").write_text(json.dumps({"kind": "optimum", "metrics": {"neg_loss": vertex}}) + "\n")
+    summ = suite.write_summary(tmp_path)["settings"]
+    assert summ["known_optimum"]["duet_if"]["mean"] == -2.5
+    assert summ["known_optimum-mid"]["duet_if"] == {**summ["known_optimum-mid"]["duet_if"], "mean": -1.6,
+                                                    "variant": "mid", "seeds": 1}
+    lines, _ = known_optimum_section(tmp_path)
+    heads = [ln for ln in lines if ln.startswith("### ")]
+    assert heads == [f"### known_optimum (optimum: all of {opt})",
+                     f"### known_optimum-mid (optimum: all of {opt})"]
+    rows = [ln for ln in lines if ln.startswith("| duet_if")]
+    assert rows[0].endswith("| +0.2000 |") and rows[1].endswith("| +0.1000 |")  # each its own vertex
+
+
 def test_committed_results_still_match_the_suite_configs():
     """A library default that changes (issue 13 turned BO's near-duplicate check off) must not change
     the configs of the suite's runs: finished runs would be refused on the next `suite run`."""
