@@ -33,7 +33,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from duet_jax.bo.config import BOConfig
+from duet_jax.bo.config import BOConfig, without_neutral
 from duet_jax.data.encode import EncodeConfig
 from duet_jax.errors import ConfigError, DuetError
 from duet_jax.feedback.config import FeedbackConfig
@@ -384,6 +384,8 @@ def config_hash(config: RunConfig | dict) -> str:
     d = to_dict(config) if isinstance(config, RunConfig) else json.loads(json.dumps(config))
     for k in LOCATION_FIELDS:
         d.pop(k, None)
+    if isinstance(d.get("bo"), dict):  # options added later, at their old behaviour: not hashed
+        d["bo"] = without_neutral(d["bo"])
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

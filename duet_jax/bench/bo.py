@@ -120,7 +120,7 @@ def near_duplicates(x: np.ndarray, n_init: int, tol: float = DUP_TOL) -> int:
 
 
 def _fingerprint(cfg) -> str:
-    return hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    return hashlib.sha1(json.dumps(cfg.fingerprint_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _true_values(f, x):

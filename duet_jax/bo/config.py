@@ -7,17 +7,19 @@ the jitted functions as a static argument, and it serialises to JSON as a dict.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from duet_jax.errors import BOError, ConfigError
 
-__all__ = ["BOConfig", "BO_PROFILES", "KERNELS", "PRIORS", "ACQUISITIONS", "BETA_SCHEDULES"]
+__all__ = ["BOConfig", "BO_PROFILES", "ADDED_FIELDS", "without_neutral", "KERNELS", "PRIORS", "ACQUISITIONS", "BETA_SCHEDULES"]
 
 KERNELS = ("matern52", "rbf")
 PRIORS = ("gamma", "lognormal")
 ACQUISITIONS = ("ucb", "ei", "logei", "thompson", "portfolio")
+PORTFOLIO_MEMBERS = ("logei", "ei", "ucb", "thompson")
 BETA_SCHEDULES = ("constant", "igp_ucb")
 INIT_DESIGNS = ("maximin", "dirichlet")
 ON_NONFINITE = ("raise", "record")
@@ -47,8 +49,11 @@ class BOConfig:
     Acquisition (``duet_jax.bo.acquisition``); the optimiser always maximises internally.
       acquisition: ``"ucb"`` (mu + sqrt(beta) sigma), ``"ei"``, ``"logei"``, ``"thompson"``
         (alias ``"ts"``: Thompson sampling, a joint posterior draw on ``ts_candidates`` points) or
-        ``"portfolio"``: LogEI and UCB (``beta``) in turn, by the number of observations (even:
-        LogEI, odd: UCB), so a replay of the same tells makes the same choices.
+        ``"portfolio"``: the acquisitions of ``portfolio`` in turn, by the number of observed and
+        pending rows (the default ``("logei", "ucb")``: even LogEI, odd UCB), so a replay of the
+        same tells makes the same choices.
+      portfolio: the members of ``acquisition="portfolio"``, any of ``"logei"``, ``"ei"``,
+        ``"ucb"``, ``"thompson"``.
       beta: UCB's beta for ``beta_schedule="constant"`` (DUET's released code: 1.0).
       beta_schedule: ``"constant"`` or ``"igp_ucb"`` (Chowdhury & Gopalan 2017, the paper's
         theory): sqrt(beta_t) = B + R sqrt(2 (gamma_t + 1 + ln(1/delta))), gamma_t the information
@@ -108,6 +113,7 @@ class BOConfig:
     lengthscale_gamma: tuple[float, float] = (3.0, 6.0)
 
     acquisition: str = "portfolio"
+    portfolio: tuple[str, ...] = ("logei", "ucb")
     beta: float = 1.0
     beta_schedule: str = "constant"
     igp_b: float = 1.0
@@ -163,6 +169,11 @@ class BOConfig:
                 raise ConfigError(f"BOConfig.{name}: expected a number in [0, 1], got {v!r}")
         if not (isinstance(self.local_sd, int | float) and self.local_sd > 0):
             raise ConfigError(f"BOConfig.local_sd: expected a number > 0, got {self.local_sd!r}")
+        members = tuple("thompson" if m == "ts" else m for m in self.portfolio)
+        if not members or any(m not in PORTFOLIO_MEMBERS for m in members):
+            raise ConfigError(f"BOConfig.portfolio: expected a non-empty tuple of "
+                              f"{PORTFOLIO_MEMBERS}, got {self.portfolio!r}")
+        object.__setattr__(self, "portfolio", members)
         if not (isinstance(self.raw_local, int) and self.raw_local >= 0):
             raise ConfigError(f"BOConfig.raw_local: expected an integer >= 0, got "
                               f"{self.raw_local!r}")
@@ -250,7 +261,13 @@ class BOConfig:
         d = dataclasses.asdict(self)
         d["fixed"] = [list(p) for p in self.fixed]
         d["lengthscale_gamma"] = list(self.lengthscale_gamma)
+        d["portfolio"] = list(self.portfolio)
         return d
+
+    def fingerprint_dict(self) -> dict[str, Any]:
+        """``to_dict()`` without the fields of ``ADDED_FIELDS`` that hold their neutral value: what
+        hashes of configs (a run's ``config_hash``, the BO benchmark's fingerprints) are made of."""
+        return without_neutral(self.to_dict())
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BOConfig:
@@ -262,6 +279,20 @@ class BOConfig:
 
     def replace(self, **changes) -> BOConfig:
         return dataclasses.replace(self, **changes)
+
+
+#: fields added after results were recorded, each with the value at which the code behaves as it
+#: did before the field existed. At that value a field is left out of config hashes
+#: (:func:`without_neutral`), so adding an option does not invalidate finished runs, resumable run
+#: directories or benchmark lines; at any other value it is hashed like every field.
+ADDED_FIELDS: dict[str, Any] = {"portfolio": ["logei", "ucb"]}
+
+
+def without_neutral(d: dict[str, Any]) -> dict[str, Any]:
+    """A BOConfig dict without the ``ADDED_FIELDS`` that hold their neutral value (compared as
+    JSON, so a tuple and the list it is read back as are the same value)."""
+    same = lambda a, b: json.dumps(a) == json.dumps(b)  # noqa: E731
+    return {k: v for k, v in d.items() if not (k in ADDED_FIELDS and same(v, ADDED_FIELDS[k]))}
 
 
 # Field values of each named profile (fields not named keep the class defaults). "default" is

@@ -161,23 +161,30 @@ def propose_core(x, y, mask, pending, params0, key, cfg: BOConfig, q: int):
     best_row = top_obs[0]
     centers = x[jnp.where(mask[top_obs], top_obs, best_row)]
     signal_sd = jnp.sqrt(c.outputscale)
-    use_ei = jnp.sum(mask | pending) % 2 == 0  # portfolio: LogEI on even rounds, UCB on odd
+    # portfolio: its members in turn, by the number of observed + pending rows (a replay of the
+    # same tells makes the same choices); any other acquisition is a portfolio of one
+    members = cfg.portfolio if cfg.acquisition == "portfolio" else (cfg.acquisition,)
+    member = jnp.sum(mask | pending) % len(members)
+    scored = [m for m in members if m != "thompson"]  # members scored by the ascent
+    scored_index = jnp.asarray([scored.index(m) if m in scored else 0 for m in members])[member]
+    use_ts = jnp.asarray([m == "thompson" for m in members])[member]
+
+    def member_score(name, mean, var):
+        if name == "ucb":
+            return acq.ucb(mean, var, beta)
+        if name == "ei":
+            return acq.ei(mean, var, best)
+        return acq.log_ei(mean, var, best)
 
     def choose(carry, k):
         xb, yb, ub = carry
         post = gp.posterior(xb, yb, ub, params, cfg)
-        if cfg.acquisition == "thompson":
-            xj, vj = _thompson(post, k, d, cfg, lower, upper)
-        else:
+        if scored:
             def score(xs):
                 mean, var = gp.predict(post, xs, cfg)
-                if cfg.acquisition == "ucb":
-                    return acq.ucb(mean, var, beta)
-                if cfg.acquisition == "ei":
-                    return acq.ei(mean, var, best)
-                if cfg.acquisition == "portfolio":
-                    return jnp.where(use_ei, acq.log_ei(mean, var, best), acq.ucb(mean, var, beta))
-                return acq.log_ei(mean, var, best)
+                if len(scored) == 1:
+                    return member_score(scored[0], mean, var)
+                return jnp.stack([member_score(m, mean, var) for m in scored])[scored_index]
 
             allowed = None
             if cfg.dedup_tol > 0:
@@ -190,6 +197,10 @@ def propose_core(x, y, mask, pending, params0, key, cfg: BOConfig, q: int):
 
             xj, vj = maximize_acquisition(score, k, d, cfg, lower, upper, allowed=allowed,
                                           centers=centers if cfg.raw_local else None)
+        if "thompson" in members:
+            # a Thompson member of a mixed portfolio draws from its own stream; alone it uses k
+            xt, vt = _thompson(post, jax.random.fold_in(k, 1) if scored else k, d, cfg, lower, upper)
+            xj, vj = (xt, vt) if not scored else (jnp.where(use_ts, xt, xj), jnp.where(use_ts, vt, vj))
         xj = apply_min_share(xj, cfg.min_share, cfg.renormalize_min_share, lower, upper, bounded)
         slot = jnp.sum(ub)
         carry = (xb.at[slot].set(xj), yb.at[slot].set(believe(xj[None])[0]), ub.at[slot].set(True))

@@ -83,3 +83,35 @@ def test_refused_points_are_never_returned():
     assert np.max(np.abs(np.asarray(x_ref) - np.asarray(target))) >= 0.1
     assert np.max(np.abs(np.asarray(x_ref) - np.asarray(target))) < 0.2  # and close outside
     assert on_simplex(np.asarray(x_none)[None], 1e-9)  # nothing allowed: still a ratio
+
+
+
+
+def test_portfolio_members_take_turns():
+    """A portfolio of one member is that acquisition (same asks, same PRNG use); a mixed
+    portfolio with Thompson sampling proposes on the simplex and replays identically."""
+    from duet_jax.bo import SimplexBO
+
+    for bad in ((), ("logei", "nope"), "ucb"):
+        with pytest.raises(ConfigError, match="portfolio"):
+            BOConfig(portfolio=bad)
+    assert BOConfig(portfolio=["ts", "ucb"]).portfolio == ("thompson", "ucb")
+    assert BOConfig.from_dict(BOConfig(portfolio=("ucb",)).to_dict()).portfolio == ("ucb",)
+    target = np.array([0.6, 0.3, 0.1])
+
+    def asks(cfg, n=6):
+        opt = SimplexBO(3, seed=1, config=cfg)
+        out = []
+        for _ in range(n):
+            r = opt.ask()[0]
+            assert on_simplex(r[None])
+            out.append(r)
+            opt.tell(r, -float(np.sum((r - target) ** 2)))
+        return np.array(out)
+
+    one = dataclasses.replace(FAST, acquisition="portfolio", portfolio=("thompson",))
+    np.testing.assert_array_equal(asks(one), asks(dataclasses.replace(FAST, acquisition="thompson")))
+    trio = dataclasses.replace(FAST, portfolio=("logei", "ucb", "thompson"))
+    a = asks(trio, 8)
+    np.testing.assert_array_equal(a, asks(trio, 8))
+    assert len({tuple(np.round(r, 6)) for r in a}) == len(a)

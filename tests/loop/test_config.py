@@ -180,3 +180,19 @@ def test_non_numbers_are_refused_with_the_option_name(option, text):
     name, ann = option
     with pytest.raises(ConfigError, match=name.replace(".", r"\.")):
         convert(FlagText(text), ann, name)
+
+
+def test_an_option_added_at_its_neutral_value_does_not_change_config_hashes():
+    """BO options added after results were recorded (``ADDED_FIELDS``) are left out of the hash at
+    the value that behaves as before, so finished runs and run directories stay valid."""
+    from duet_jax.bo.config import ADDED_FIELDS
+
+    cfg = RunConfig()
+    d = to_dict(cfg)
+    old = {**d, "bo": {k: v for k, v in d["bo"].items() if k not in ADDED_FIELDS}}  # before they existed
+    assert config_hash(old) == config_hash(cfg) == config_hash(d)
+    for k in ADDED_FIELDS:
+        assert k not in BOConfig().fingerprint_dict()
+    changed = dataclasses.replace(cfg, bo=cfg.bo.replace(portfolio=("logei", "ucb", "thompson")))
+    assert config_hash(changed) != config_hash(cfg)
+    assert BOConfig(portfolio=("ucb",)).fingerprint_dict()["portfolio"] == ["ucb"]
