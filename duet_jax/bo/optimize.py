@@ -179,7 +179,8 @@ def propose_core(x, y, mask, pending, params0, key, cfg: BOConfig, q: int):
     def choose(carry, k):
         xb, yb, ub = carry
         post = gp.posterior(xb, yb, ub, params, cfg)
-        if scored:
+
+        def by_acquisition():
             def score(xs):
                 mean, var = gp.predict(post, xs, cfg)
                 if len(scored) == 1:
@@ -195,12 +196,18 @@ def propose_core(x, y, mask, pending, params0, key, cfg: BOConfig, q: int):
                     worth = jnp.sqrt(var) >= cfg.dedup_sd * signal_sd
                     return ~near | worth
 
-            xj, vj = maximize_acquisition(score, k, d, cfg, lower, upper, allowed=allowed,
-                                          centers=centers if cfg.raw_local else None)
-        if "thompson" in members:
-            # a Thompson member of a mixed portfolio draws from its own stream; alone it uses k
-            xt, vt = _thompson(post, jax.random.fold_in(k, 1) if scored else k, d, cfg, lower, upper)
-            xj, vj = (xt, vt) if not scored else (jnp.where(use_ts, xt, xj), jnp.where(use_ts, vt, vj))
+            return maximize_acquisition(score, k, d, cfg, lower, upper, allowed=allowed,
+                                        centers=centers if cfg.raw_local else None)
+
+        def by_thompson():  # in a mixed portfolio from its own stream; alone from k
+            return _thompson(post, jax.random.fold_in(k, 1) if scored else k, d, cfg, lower, upper)
+
+        if not scored:
+            xj, vj = by_thompson()
+        elif "thompson" not in members:
+            xj, vj = by_acquisition()
+        else:  # only the round's member runs (under vmap over seeds both do, as a select)
+            xj, vj = jax.lax.cond(use_ts, by_thompson, by_acquisition)
         xj = apply_min_share(xj, cfg.min_share, cfg.renormalize_min_share, lower, upper, bounded)
         slot = jnp.sum(ub)
         carry = (xb.at[slot].set(xj), yb.at[slot].set(believe(xj[None])[0]), ub.at[slot].set(True))

@@ -85,8 +85,6 @@ def test_refused_points_are_never_returned():
     assert on_simplex(np.asarray(x_none)[None], 1e-9)  # nothing allowed: still a ratio
 
 
-
-
 def test_portfolio_members_take_turns():
     """A portfolio of one member is that acquisition (same asks, same PRNG use); a mixed
     portfolio with Thompson sampling proposes on the simplex and replays identically."""
