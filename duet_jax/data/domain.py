@@ -23,7 +23,7 @@ from duet_jax.data.example import Example
 from duet_jax.data.splits import Splits, SplitSpec, split_examples
 from duet_jax.errors import ConfigError, EmptySplitError, UnknownDomainError
 
-__all__ = ["Domain", "get_domain", "get_domains", "builtin_names"]
+__all__ = ["Domain", "domain_name", "get_domain", "get_domains", "builtin_names"]
 
 
 def builtin_names() -> list[str]:
@@ -101,6 +101,25 @@ def _hub_domain(name: str, hub: str, kind: str, fields: sources.FieldMapping, de
     return Domain(name, kind, desc or f"hub dataset {hub}", f"hf:{hub}", load)
 
 
+def domain_name(spec: str | dict[str, Any]) -> str:
+    """The name a spec's domain gets (in ratios, histories and reports), without loading it:
+    a built-in's name, a local file's stem, ``owner__name`` for a hub dataset, or a dict's
+    ``name`` (else its source's). The one rule that :func:`get_domain` follows."""
+    if isinstance(spec, dict):
+        source = spec.get("source") or spec.get("name") or ""
+        if spec.get("name"):
+            return spec["name"]
+        if source in builtin.BUILTIN:
+            return source
+    else:
+        source = spec
+    if source in builtin.BUILTIN:
+        return source
+    if source.startswith("hf:"):
+        return source[3:].replace("/", "__")
+    return Path(source).expanduser().stem
+
+
 def get_domain(spec: str | dict[str, Any]) -> Domain:
     """Build a domain from a spec (see the module docstring).
 
@@ -113,10 +132,10 @@ def get_domain(spec: str | dict[str, Any]) -> Domain:
         if spec in builtin.BUILTIN:
             return _builtin_domain(spec)
         if spec.startswith("hf:"):
-            return _hub_domain(spec[3:].replace("/", "__"), spec[3:], "qa", sources.FieldMapping(), "")
+            return _hub_domain(domain_name(spec), spec[3:], "qa", sources.FieldMapping(), "")
         p = Path(spec).expanduser()
         if p.suffix.lower() in sources.LOCAL_SUFFIXES:
-            return _file_domain(p.stem, str(p), "qa", sources.FieldMapping(), "")
+            return _file_domain(domain_name(spec), str(p), "qa", sources.FieldMapping(), "")
         raise UnknownDomainError(
             f"unknown domain {spec!r}. Built-in domains: {', '.join(builtin_names())}. "
             "Or give a local .jsonl/.json/.parquet/.csv path, or hf:owner/name for a hub dataset."
@@ -133,20 +152,19 @@ def get_domain(spec: str | dict[str, Any]) -> Domain:
         raise ConfigError(f"domain spec needs `source` (or a built-in `name`): {spec}")
     if source in builtin.BUILTIN and "fields" not in spec:
         d = _builtin_domain(source)
-        return dataclasses.replace(d, name=spec.get("name", d.name)) if "name" in spec else d
+        return dataclasses.replace(d, name=domain_name(spec)) if "name" in spec else d
     fields = sources.FieldMapping.from_dict(spec.get("fields"))
     kind = spec.get("kind", "mc" if fields.choices else "qa")
     desc = spec.get("description", "")
     if source.startswith("hf:"):
-        name = spec.get("name") or source[3:].replace("/", "__")
-        return _hub_domain(name, source[3:], kind, fields, desc)
+        return _hub_domain(domain_name(spec), source[3:], kind, fields, desc)
     p = Path(source).expanduser()
     if p.suffix.lower() not in sources.LOCAL_SUFFIXES:
         raise UnknownDomainError(
             f"unknown domain source {source!r}: not a built-in name ({', '.join(builtin_names())}), "
             f"not a local file with one of {sources.LOCAL_SUFFIXES}, not hf:owner/name"
         )
-    return _file_domain(spec.get("name") or p.stem, str(p), kind, fields, desc)
+    return _file_domain(domain_name(spec), str(p), kind, fields, desc)
 
 
 def get_domains(specs: list[str | dict[str, Any]]) -> list[Domain]:

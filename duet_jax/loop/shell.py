@@ -91,7 +91,9 @@ class RunShell:
             self._lock.release()
 
     def _check_history(self) -> None:
-        names = [d if isinstance(d, str) else d.get("name", d.get("source")) for d in self.config.domains]
+        from duet_jax.data.domain import domain_name
+
+        names = [domain_name(d) for d in self.config.domains]
         for r in self.history:
             if set(r.get("ratio", {})) != set(names):
                 raise ConfigError(

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from duet_jax.data import get_domain
+from duet_jax.data.domain import domain_name
 from duet_jax.errors import (
     ConfigError,
     DataFormatError,
@@ -57,6 +58,19 @@ def test_plain_path_defaults_to_prompt_answer_columns(tmp_path):
     p.write_text("\n".join(json.dumps({"prompt": f"p{i}", "answer": f"a{i}"}) for i in range(30)))
     d = get_domain(str(p))
     assert d.name == "qa" and d.kind == "qa" and d.examples()[0].answer == " a0"
+
+
+def test_domain_name_is_the_name_get_domain_gives(tmp_path):
+    """Histories and resumes name domains by domain_name(spec), without loading them: it must be
+    the name the loaded domain carries, for every kind of spec."""
+    p = write(tmp_path, ".jsonl")
+    mapped = {"fields": {"prompt": "q", "answer": "a"}}
+    specs = ["sciq", str(p), {"source": str(p), **mapped}, {"name": "adds", "source": str(p), **mapped},
+             {"name": "sciq"}, {"name": "mine_sciq", "source": "sciq"}]
+    for spec in specs:
+        assert domain_name(spec) == get_domain(spec).name, spec
+    assert [domain_name(s) for s in specs] == ["sciq", "mine", "mine", "adds", "sciq", "mine_sciq"]
+    assert domain_name("hf:owner/name") == "owner__name"  # loading it needs a network
 
 
 def test_gold_as_letter_and_as_text(tmp_path):

@@ -118,6 +118,25 @@ def test_where_files_go_may_change_on_resume_what_is_computed_may_not(all_method
         run(other, moved, **QUIET)
 
 
+def test_a_run_on_a_local_file_domain_resumes(tmp_path):
+    """Ratios are keyed by the file's stem while the config lists its path: a resume must match
+    them (it refused the run as "another run" before)."""
+    from duet_jax.data import get_domain
+
+    rows = get_domain("openbookqa").examples()[:40]
+    p = tmp_path / "mine.jsonl"
+    p.write_text("".join(json.dumps({"prompt": e.prompt, "answer": e.answer.strip()}) + "\n" for e in rows))
+    cfg = small("random_search", domains=["arc_easy", "sciq", str(p)], rounds=0)
+    d = tmp_path / "run"
+    first = run(cfg, d, **QUIET)
+    h = hist(d)
+    assert set(h[0]["ratio"]) == {"arc_easy", "sciq", "mine"}
+    (d / "history.jsonl").write_text(json.dumps(h[0]) + "\n")
+    again = run(cfg, d, **QUIET)
+    assert again["best_feedback"] == pytest.approx(first["best_feedback"], rel=1e-5)
+    assert [r["seed"] for r in hist(d)] == [r["seed"] for r in h]
+
+
 def test_bad_feedback_source_fails_before_anything_is_written(tmp_path):
     for fb, match in (({"callable": "no_such_module_xyz:f"}, "no_such_module_xyz"),
                       ({"callable": "json.dumps"}, "package.module:function"),
