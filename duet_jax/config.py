@@ -134,13 +134,15 @@ class RunConfig:
         need(self.budget >= self.train.batch_size,
              f"budget ({self.budget}) must be at least train.batch_size ({self.train.batch_size}): "
              "a mixture must fill one batch")
-        names = [d if isinstance(d, str) else d.get("name", d.get("source")) for d in self.domains]
+        from duet_jax.data.domain import domain_name
+
+        names = [domain_name(d) for d in self.domains]  # the loader's names (a file's stem, ...)
         need(len(set(names)) == len(names), f"domains: a domain is listed twice: {names}")
-        if self.mode == "ood" and self.target in names:
+        if self.mode == "ood" and domain_name(self.target) in names:
             raise ConfigError(
                 f"the target {self.target!r} is also a training domain; in ood mode the unseen task's "
                 "domain must be left out of the pool (or use mode: in_domain)")
-        if self.mode == "in_domain" and self.target not in names:
+        if self.mode == "in_domain" and domain_name(self.target) not in names:
             raise ConfigError(f"in_domain mode needs the target {self.target!r} among the domains")
 
     @property

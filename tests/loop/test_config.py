@@ -196,3 +196,17 @@ def test_an_option_added_at_its_neutral_value_does_not_change_config_hashes():
     changed = dataclasses.replace(cfg, bo=cfg.bo.replace(portfolio=("logei", "ucb", "thompson")))
     assert config_hash(changed) != config_hash(cfg)
     assert BOConfig(portfolio=("ucb",)).fingerprint_dict()["portfolio"] == ["ucb"]
+
+
+def test_domains_and_target_are_matched_by_the_loaders_names():
+    """A file is the domain named by its stem, as the loader names it: the config's checks of the
+    pool against the target (and against itself) use those names, not the spec strings."""
+    mine = {"name": "mine", "source": "data/mine.jsonl"}
+    cfg = preset("smoke", mode="in_domain", target="data/mine.jsonl", domains=["sciq", mine])
+    assert cfg.target == "data/mine.jsonl"
+    with pytest.raises(ConfigError, match="also a training domain"):
+        preset("smoke", mode="ood", target="other/sciq.jsonl", domains=["sciq", "arc_easy"])
+    with pytest.raises(ConfigError, match="listed twice"):
+        preset("smoke", domains=["sciq", "elsewhere/sciq.jsonl"])
+    with pytest.raises(ConfigError, match="needs the target"):
+        preset("smoke", mode="in_domain", target="data/mine.jsonl", domains=["sciq", "arc_easy"])
