@@ -300,6 +300,7 @@ def cmd_run(a) -> int:
                 return rc
             continue
         n_run += 1
+        _drop_partial(results, a.variant, setting, method, seed)
         s = json.loads(result_path(results, setting, method, seed, a.variant).read_text())["summary"]
         print(f"suite:   best {s.get('best_feedback')} (uniform {s.get('uniform_feedback')}) in "
               f"{time.time() - t:.0f} s [load {os.getloadavg()[0]:.1f}]", flush=True)
@@ -323,6 +324,20 @@ def _save_partial(rdir: Path, results: Path, variant, setting, method, seed) -> 
         dst.mkdir(parents=True, exist_ok=True)
         for f in ("config.json", "history.jsonl"):
             shutil.copy2(rdir / f, dst / f)
+
+
+def _drop_partial(results: Path, variant, setting, method, seed) -> None:
+    """A finished run's saved partial is superseded by its result file: removed, so the results
+    tree shows only what is left to run."""
+    import shutil
+
+    src = _partial_dir(results, variant, setting, method, seed)
+    if src.exists():
+        shutil.rmtree(src)
+        for parent in src.parents:  # the empty folders above it, up to partial/
+            if parent == results / "partial" or any(parent.iterdir()):
+                break
+            parent.rmdir()
 
 
 def _restore_partial(rdir: Path, results: Path, variant, setting, method, seed) -> None:

@@ -42,6 +42,9 @@ def test_suite_runs_skips_resumes_and_summarises(tmp_path, tiny, monkeypatch):
     for f in ("summary.json", "accuracy.json"):
         (rdir / f).unlink()
     (res / "tiny" / "random_search" / "seed0.json").unlink()
+    suite._save_partial(rdir, res, "demo", "tiny", "random_search", 0)  # as a deadline kill leaves it
+    partial = suite._partial_dir(res, "demo", "tiny", "random_search", 0)
+    assert (partial / "history.jsonl").read_text() == first + "\n"
     ran = []
     real = suite.run_one
     monkeypatch.setattr(suite, "run_one", lambda s, m, *a, **k: (ran.append(m), real(s, m, *a, **k))[1])
@@ -50,6 +53,7 @@ def test_suite_runs_skips_resumes_and_summarises(tmp_path, tiny, monkeypatch):
     d = json.loads((res / "tiny" / "random_search" / "seed0.json").read_text())
     assert len(d["history"]) == 2 and json.dumps(d["history"][0], sort_keys=True) == \
         json.dumps({**json.loads(first)}, sort_keys=True)
+    assert not (res / "partial" / "demo").exists()  # the finished run's partial is gone
     # everything done: nothing runs
     ran.clear()
     assert suite.main(_args(tmp_path)) == 0
