@@ -62,6 +62,7 @@ def separation_section(results: Path) -> list[str]:
            "evaluations after the first (the first compiles); load = 1-minute load average on this 2-core "
            "machine, shared with other jobs.", ""]
     any_data = False
+    runs = _runs(results)
     for st in SETTINGS:
         for var in VARIANTS:
             path = results / "separation" / st / f"{var}.jsonl"
@@ -109,6 +110,9 @@ def separation_section(results: Path) -> list[str]:
                            "setup (model load, pool trunk pass) "
                            + ", ".join(f"{x['setup_s']:.0f} s at load {x['loadavg'][0]:.1f}" for x in sess)
                            + f". {len(ev)} of {N_RATIOS + N_RESAMPLES} evaluations done.")
+            cross = resample_cross_check(sp.get("neg_loss"), runs.get(setting_label(st, var), {}))
+            if cross:
+                out += ["", cross]
             opt = _neg_losses(recs, "optimum")
             if opt:
                 rat = _neg_losses(recs, "ratio")
@@ -214,13 +218,36 @@ def _by_seed(rs: list[dict]) -> dict[int, float]:
     return {d["seed"]: d["summary"]["best_feedback"] for d in rs if d["summary"].get("best_feedback") is not None}
 
 
+def _uniform_run_sds(ms: dict) -> list[float]:
+    """Per uniform run (one per seed): the std (ddof 1) of its feedback, every evaluation being a
+    fresh re-sample of the uniform ratio."""
+    return [float(np.std([r["feedback"] for r in d["history"] if r["feedback"] is not None], ddof=1))
+            for d in ms.get("uniform", []) if sum(r["feedback"] is not None for r in d["history"]) > 2]
+
+
+def resample_cross_check(neg_loss: dict | None, ms: dict) -> str | None:
+    """The separation recomputed against the noise of the suite's uniform runs (many more
+    re-samples than the separation runner's few, which can understate the noise by chance)."""
+    sds = _uniform_run_sds(ms)
+    if not sds or not neg_loss or neg_loss.get("ratios_std") is None:
+        return None
+    n = [sum(r["feedback"] is not None for r in d["history"]) for d in ms["uniform"]]
+    worst = max(sds)
+    sep = neg_loss["ratios_std"] / worst if worst > 0 else None
+    verdict = "" if sep is None else (" (separates)" if sep >= 2 else " (**does not separate** on this estimate)")
+    rs = neg_loss.get("resample_std")
+    return (f"Cross-check of the re-sample noise: the suite's uniform runs re-sample the same ratio "
+            f"{min(n) if min(n) == max(n) else f'{min(n)}-{max(n)}'} times per seed; their std per seed {', '.join(f'{x:.4f}' for x in sds)} "
+            f"(the re-sample std above: {_f(rs)}); the ratios' std over the largest of them: "
+            f"{_f(sep, 2)}{verdict}.")
+
+
 def noise_line(ms: dict) -> str | None:
     """The single-evaluation noise measured inside the uniform runs (every evaluation re-samples
     the uniform ratio), for reading the differences in the table."""
     if "uniform" not in ms:
         return None
-    sds = [float(np.std([r["feedback"] for r in d["history"] if r["feedback"] is not None], ddof=1))
-           for d in ms["uniform"] if len(d["history"]) > 2]
+    sds = _uniform_run_sds(ms)
     if not sds:
         return None
     n = len(ms["uniform"][0]["history"])

@@ -3,6 +3,7 @@ resumes a killed one from its run directory, and writes summary.json in the issu
 
 import json
 
+import numpy as np
 import pytest
 
 from experiments import settings, suite
@@ -76,6 +77,24 @@ def test_paired_verdict_uses_common_seeds_and_the_per_seed_spread():
     assert _paired(b, a)[0] == "loss"
     assert _paired({0: 1.0, 1: 2.0}, {0: 1.5, 1: 1.5})[0] == "tie"  # +-0.5: no consistent sign
     assert _paired({0: 1.0}, {0: 0.0}) == (None, [1.0])  # one common seed: no verdict
+
+
+def test_separation_cross_check_uses_the_uniform_runs_noise():
+    """Four re-samples can understate the noise: the check recomputes the separation against the
+    largest per-seed std of the uniform runs, and says when that estimate does not separate."""
+    from experiments.report import resample_cross_check
+
+    def run(vals):
+        return {"history": [{"feedback": v} for v in vals] + [{"feedback": None}]}
+
+    ms = {"uniform": [run([-1.0, -1.1, -1.2]), run([-1.0, -1.0, -1.0, -1.4])]}
+    sd = float(np.std([-1.0, -1.0, -1.0, -1.4], ddof=1))  # 0.2, the larger of the two
+    line = resample_cross_check({"ratios_std": 0.3, "resample_std": 0.01}, ms)
+    assert "3-4 times" in line and f"{0.3 / sd:.2f}" in line and "does not separate" in line
+    assert "(separates)" in resample_cross_check({"ratios_std": 0.5, "resample_std": 0.01}, ms)
+    assert "ratio 4 times" in resample_cross_check({"ratios_std": 0.5}, {"uniform": ms["uniform"][1:]})
+    assert resample_cross_check({"ratios_std": 0.3, "resample_std": 0.01}, {"duet_if": ms["uniform"]}) is None
+    assert resample_cross_check(None, ms) is None
 
 
 def test_ablation_keys_override_the_plain_run_and_keep_its_hash(tmp_path):
