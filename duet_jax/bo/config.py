@@ -79,6 +79,12 @@ class BOConfig:
         off; on the benchmark suite (5 seeds) refusing close repeats raised the median regret on
         6 of 8 noiseless cases and left the other 2 level (docs/bo.md).
       ts_candidates: points on which a Thompson sample is drawn jointly.
+      explore_snr: the uninformed-model fallback. When the fitted GP's signal-to-noise ratio
+        (signal variance over noise variance) is below it, the model has found nothing but noise
+        and its acquisition is a guess; the ask is then a plain Dirichlet(1) draw (random search's
+        interior draw) instead. ``0`` (default): off. Measured on the noisy benchmark cases in
+        docs/bo.md, where the acquisition's asks on a flat noisy objective go to the faces of the
+        simplex.
       min_share: shares below it are set to zero (the largest share and domains with a positive
         lower bound are kept). renormalize_min_share: then rescale the rest to sum to one
         (default); ``False`` reproduces DUET's released code, which zeroed shares below 0.05 without
@@ -130,6 +136,7 @@ class BOConfig:
     dedup_tol: float = 0.0
     dedup_sd: float = 0.1
     ts_candidates: int = 512
+    explore_snr: float = 0.0
     min_share: float = 0.0
     renormalize_min_share: bool = True
     lower: tuple[float, ...] | None = None
@@ -167,6 +174,10 @@ class BOConfig:
             v = getattr(self, name)
             if not (isinstance(v, int | float) and math.isfinite(v) and 0 <= v <= 1):
                 raise ConfigError(f"BOConfig.{name}: expected a number in [0, 1], got {v!r}")
+        if not (isinstance(self.explore_snr, int | float) and math.isfinite(self.explore_snr)
+                and self.explore_snr >= 0):
+            raise ConfigError(f"BOConfig.explore_snr: expected a finite number >= 0, got "
+                              f"{self.explore_snr!r}")
         if not (isinstance(self.local_sd, int | float) and self.local_sd > 0):
             raise ConfigError(f"BOConfig.local_sd: expected a number > 0, got {self.local_sd!r}")
         members = tuple("thompson" if m == "ts" else m for m in self.portfolio)
@@ -285,7 +296,7 @@ class BOConfig:
 #: did before the field existed. At that value a field is left out of config hashes
 #: (:func:`without_neutral`), so adding an option does not invalidate finished runs, resumable run
 #: directories or benchmark lines; at any other value it is hashed like every field.
-ADDED_FIELDS: dict[str, Any] = {"portfolio": ["logei", "ucb"]}
+ADDED_FIELDS: dict[str, Any] = {"portfolio": ["logei", "ucb"], "explore_snr": 0.0}
 
 
 def without_neutral(d: dict[str, Any]) -> dict[str, Any]:
@@ -314,5 +325,6 @@ BO_PROFILES: dict[str, dict[str, Any]] = {
         "local_sd": 0.05,
         "dedup_tol": 0.0,
         "dedup_sd": 0.1,
+        "explore_snr": 0.0,
     },
 }

@@ -24,7 +24,7 @@ from duet_jax.bo import acquisition as acq
 from duet_jax.bo import gp
 from duet_jax.bo.config import BOConfig
 from duet_jax.bo.runtime import jit, x64
-from duet_jax.bo.simplex import apply_min_share, project, raw_candidates
+from duet_jax.bo.simplex import apply_min_share, initial_design, project, raw_candidates
 
 __all__ = ["RoundInfo", "maximize_acquisition", "propose_core", "propose", "trace_counts"]
 
@@ -39,9 +39,10 @@ def trace_counts() -> dict[str, int]:
 class RoundInfo(NamedTuple):
     loss: jax.Array  # [] fit loss (-(lml + log prior)); NaN when the fit was skipped (n < 2)
     beta: jax.Array  # [] UCB beta used
-    acq_value: jax.Array  # [q] acquisition value of each proposal
+    acq_value: jax.Array  # [q] acquisition value of each proposal (NaN for a fallback draw)
     y_mean: jax.Array  # [] standardisation of the outputs
     y_std: jax.Array  # []
+    explored: jax.Array  # [q] bool: the proposal is the uninformed-model fallback's draw
 
 
 def _bounds(cfg: BOConfig, d: int, dtype):
@@ -161,6 +162,8 @@ def propose_core(x, y, mask, pending, params0, key, cfg: BOConfig, q: int):
     best_row = top_obs[0]
     centers = x[jnp.where(mask[top_obs], top_obs, best_row)]
     signal_sd = jnp.sqrt(c.outputscale)
+    # the uninformed-model fallback: a fit that explains the data as noise gives no direction
+    uninformed = (n >= 2) & (c.outputscale < cfg.explore_snr * c.noise)
     # portfolio: its members in turn, by the number of observed + pending rows (a replay of the
     # same tells makes the same choices); any other acquisition is a portfolio of one
     members = cfg.portfolio if cfg.acquisition == "portfolio" else (cfg.acquisition,)
@@ -208,13 +211,17 @@ def propose_core(x, y, mask, pending, params0, key, cfg: BOConfig, q: int):
             xj, vj = by_acquisition()
         else:  # only the round's member runs (under vmap over seeds both do, as a select)
             xj, vj = jax.lax.cond(use_ts, by_thompson, by_acquisition)
+        if cfg.explore_snr > 0:
+            draw = initial_design(jax.random.fold_in(k, 2), 1, d, lower, upper, bounded, "dirichlet")[0]
+            xj, vj = jnp.where(uninformed, draw, xj), jnp.where(uninformed, jnp.nan, vj)
         xj = apply_min_share(xj, cfg.min_share, cfg.renormalize_min_share, lower, upper, bounded)
         slot = jnp.sum(ub)
         carry = (xb.at[slot].set(xj), yb.at[slot].set(believe(xj[None])[0]), ub.at[slot].set(True))
         return carry, (xj, vj)
 
     _, (x_new, vals) = jax.lax.scan(choose, (x, ys, used), jax.random.split(k_q, q))
-    return x_new, params, RoundInfo(loss, beta, vals, y_mean, y_std)
+    explored = jnp.broadcast_to(uninformed & (cfg.explore_snr > 0), (q,))
+    return x_new, params, RoundInfo(loss, beta, vals, y_mean, y_std, explored)
 
 
 @jit(static_argnames=("cfg", "q"))

@@ -192,3 +192,42 @@ def test_bad_input_messages():
     # The config round-trips through JSON (tuples come back as lists).
     cfg = BOConfig(lower=(0.1, 0, 0), fixed=((1, 0.2),))
     assert BOConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def _explore_run(f, noise, explore_snr, seed=0, n=14):
+    """SimplexBO on ``f`` in 4 domains with Gaussian feedback noise; the rounds' ``explored`` flags
+    and asks after the warm start."""
+    rng = np.random.default_rng(seed)
+    opt = SimplexBO(4, seed=seed, config=FAST.replace(explore_snr=explore_snr))
+    flags, asks = [], []
+    for _ in range(n):
+        r = opt.ask()[0]
+        if opt.n_observations >= opt.n_init:
+            flags.append(bool(opt.last_round.explored[0]))
+            asks.append(r)
+        with x64():
+            v = float(np.asarray(f(r[None]))[0])
+        opt.tell(r, v + noise * rng.normal())
+    return np.asarray(flags), np.asarray(asks)
+
+
+def test_uninformed_fallback_draws_interior_ratios_when_the_fit_finds_only_noise():
+    f = smooth(4)
+    # a threshold no fit reaches: every GP round is the fallback's Dirichlet(1) draw, which is in
+    # the interior (a face of the simplex, a share of 0, has probability 0 under Dirichlet(1))
+    flags, asks = _explore_run(lambda x: 0.0 * f(x), 1.0, 1e12)
+    assert flags.all() and on_simplex(asks) and np.all(asks > 1e-9)
+    assert len(np.unique(np.round(asks, 6), axis=0)) == len(asks)  # fresh draws, not one ratio
+    # a clear signal without noise: the fit's signal-to-noise is far above 1, the acquisition asks
+    flags, _ = _explore_run(f, 0.0, 1.0)
+    assert not flags.any()
+    # off (the default): never
+    flags, _ = _explore_run(lambda x: 0.0 * f(x), 1.0, 0.0)
+    assert not flags.any()
+
+
+def test_explore_snr_is_checked_and_left_out_of_hashes_when_off():
+    with pytest.raises(ConfigError, match="explore_snr"):
+        BOConfig(explore_snr=-1.0)
+    assert "explore_snr" not in BOConfig().fingerprint_dict()
+    assert BOConfig(explore_snr=1.0).fingerprint_dict()["explore_snr"] == 1.0
