@@ -82,9 +82,10 @@ class BOConfig:
       explore_snr: the uninformed-model fallback. When the fitted GP's signal-to-noise ratio
         (signal variance over noise variance) is below it, the model has found nothing but noise
         and its acquisition is a guess; the ask is then a plain Dirichlet(1) draw (random search's
-        interior draw) instead. ``0`` (default): off. Measured on the noisy benchmark cases in
-        docs/bo.md, where the acquisition's asks on a flat noisy objective go to the faces of the
-        simplex.
+        interior draw) instead (``RoundInfo.snr`` and ``.explored`` report both). ``0`` (default):
+        off. At 1.0 it brought the noisy narrow-optimum benchmark cases to random search's level
+        but raised the regret on a noiseless one, whose flat start is fitted as noise too
+        (docs/bo.md, sixth run): turn it on only for feedback known to be noisy.
       min_share: shares below it are set to zero (the largest share and domains with a positive
         lower bound are kept). renormalize_min_share: then rescale the rest to sum to one
         (default); ``False`` reproduces DUET's released code, which zeroed shares below 0.05 without

@@ -67,15 +67,15 @@ def _run_one(key, params, objective, d, n_evals, n_init, maximize, cfg: BOConfig
 
     def one_round(carry, k):
         x, y, mask, params = carry
-        xn, params, _ = propose_core(x, y, mask, no_pending, params, k, round_cfg, 1)
+        xn, params, info = propose_core(x, y, mask, no_pending, params, k, round_cfg, 1)
         i = jnp.sum(mask)
         x = x.at[i].set(xn[0])
         y = y.at[i].set(sign * f(xn[0], noise_keys[i]))
-        return (x, y, mask.at[i].set(True), params), None
+        return (x, y, mask.at[i].set(True), params), info
 
     carry = (x, y, mask, gp.prior_mode(d, cfg, dt))
-    (x, y, _, _), _ = jax.lax.scan(one_round, carry, jax.random.split(k_loop, n_evals - n_init))
-    return x[:n_evals], sign * y[:n_evals]
+    (x, y, _, _), info = jax.lax.scan(one_round, carry, jax.random.split(k_loop, n_evals - n_init))
+    return x[:n_evals], sign * y[:n_evals], info
 
 
 @jit(static_argnames=("objective", "d", "n_evals", "n_init", "maximize", "cfg", "noise_sd"))
@@ -92,7 +92,8 @@ def _split_objective(objective, params):
 
 
 def run(objective: Callable, dim: int, n_evals: int, seeds, *, params=None, maximize: bool = True,
-        n_init: int | None = None, config: BOConfig | None = None, noise_sd: float = 0.0):
+        n_init: int | None = None, config: BOConfig | None = None, noise_sd: float = 0.0,
+        return_info: bool = False):
     """BO on a jnp objective for several seeds at once, the whole loop in one compiled program.
 
     Args:
@@ -107,9 +108,12 @@ def run(objective: Callable, dim: int, n_evals: int, seeds, *, params=None, maxi
       noise_sd: standard deviation of Gaussian noise added to every observation (the optimiser
         sees the noisy values; ``y`` returned is what it saw: evaluate ``objective`` on ``x`` for
         the noise-free values).
+      return_info: also return the rounds' ``RoundInfo`` (numpy, leading axes ``[seeds, rounds]``,
+        one round per evaluation after the warm start), e.g. its ``explored`` and ``snr``.
 
     Returns:
-      ``(x [seeds, n_evals, dim], y [seeds, n_evals])`` as float64 numpy arrays.
+      ``(x [seeds, n_evals, dim], y [seeds, n_evals])`` as float64 numpy arrays, and the info
+      when asked for.
     """
     cfg = config or BOConfig()
     n_init = cfg.resolved_n_init(dim) if n_init is None else n_init
@@ -121,9 +125,12 @@ def run(objective: Callable, dim: int, n_evals: int, seeds, *, params=None, maxi
     objective, params = _split_objective(objective, params)
     with x64():
         keys = jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds])
-        x, y = _run_jit(keys, params, objective, dim, n_evals, n_init, maximize, cfg,
-                        float(noise_sd))
-        return np.asarray(x), np.asarray(y)
+        x, y, info = _run_jit(keys, params, objective, dim, n_evals, n_init, maximize, cfg,
+                              float(noise_sd))
+        x, y = np.asarray(x), np.asarray(y)
+        if return_info:
+            return x, y, jax.tree.map(np.asarray, info)
+        return x, y
 
 
 def random_search(objective: Callable, dim: int, n_evals: int, seeds, *, params=None,

@@ -43,6 +43,7 @@ class RoundInfo(NamedTuple):
     y_mean: jax.Array  # [] standardisation of the outputs
     y_std: jax.Array  # []
     explored: jax.Array  # [q] bool: the proposal is the uninformed-model fallback's draw
+    snr: jax.Array  # [] fitted signal variance over noise variance (what explore_snr is checked on)
 
 
 def _bounds(cfg: BOConfig, d: int, dtype):
@@ -221,7 +222,8 @@ def propose_core(x, y, mask, pending, params0, key, cfg: BOConfig, q: int):
 
     _, (x_new, vals) = jax.lax.scan(choose, (x, ys, used), jax.random.split(k_q, q))
     explored = jnp.broadcast_to(uninformed & (cfg.explore_snr > 0), (q,))
-    return x_new, params, RoundInfo(loss, beta, vals, y_mean, y_std, explored)
+    return x_new, params, RoundInfo(loss, beta, vals, y_mean, y_std, explored,
+                                     c.outputscale / c.noise)
 
 
 @jit(static_argnames=("cfg", "q"))

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from duet_jax.bo import BOConfig, SimplexBO, x64
+from duet_jax.bo import BOConfig, SimplexBO, loop, x64
 from duet_jax.bo.optimize import trace_counts
 from duet_jax.bo.synthetic import smooth
 from duet_jax.errors import BOError, ConfigError
@@ -231,3 +231,18 @@ def test_explore_snr_is_checked_and_left_out_of_hashes_when_off():
         BOConfig(explore_snr=-1.0)
     assert "explore_snr" not in BOConfig().fingerprint_dict()
     assert BOConfig(explore_snr=1.0).fingerprint_dict()["explore_snr"] == 1.0
+
+
+def test_loop_run_returns_each_rounds_fitted_snr_and_fallback_flag():
+    f = smooth(3)
+    x, y, info = loop.run(lambda r: 0.0 * f(r), 3, 9, [0, 1], config=FAST.replace(explore_snr=1.0),
+                          noise_sd=1.0, return_info=True)
+    n_init = FAST.resolved_n_init(3)
+    assert x.shape == (2, 9, 3) and info.snr.shape == (2, 9 - n_init)
+    assert info.explored.shape == (2, 9 - n_init, 1)
+    # the flag is exactly the check on the reported ratio (every round has n >= 2 observations)
+    np.testing.assert_array_equal(info.explored[..., 0], info.snr < 1.0)
+    assert np.all(np.isfinite(info.snr)) and np.all(info.snr > 0)
+    x2, y2 = loop.run(lambda r: 0.0 * f(r), 3, 9, [0, 1], config=FAST.replace(explore_snr=1.0),
+                      noise_sd=1.0)
+    np.testing.assert_array_equal(x, x2)
