@@ -470,10 +470,10 @@ def main(argv=None) -> int:
         lines += ["## Notes", "", notes_p.read_text().strip(), ""]
     lines += ["## Commands", "", "```",
               "# separation (resumable; one process per setting)",
-              "python -m experiments.separation --setting ood_medical --variant demo --max-minutes 100",
+              "python -m experiments.separation --setting ood_medical --variant mid --max-minutes 100",
               "# method comparison (resumable; finished runs skipped, killed ones resumed)",
-              "python -m experiments.suite run --settings ood_medical --variant demo --seeds 0,1,2 --max-minutes 100",
-              "python -m experiments.suite status --settings ood_medical --variant demo --seeds 0,1,2",
+              "python -m experiments.suite run --settings ood_medical --variant mid --seeds 0,1,2 --max-minutes 100",
+              "python -m experiments.suite status --settings ood_medical --variant mid --seeds 0,1,2",
               "# this page",
               "python -m experiments.report", "```", ""]
     PAGE.write_text("\n".join(lines))
