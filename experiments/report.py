@@ -192,21 +192,35 @@ def _plot(setting: str, methods: dict, path: Path) -> bool:
     return True
 
 
+#: two-sided level of the win/tie/loss rule
+VERDICT_LEVEL = 0.95
+
+
+def _t_crit(df: float) -> float:
+    """Student-t quantile of the rule: with 3 seeds (df 2) 4.30 standard errors, not the normal 1.96."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + VERDICT_LEVEL / 2, df))
+
+
 def _verdict(a: list[float], b: list[float]) -> str | None:
-    """win / tie / loss of a over b: mean difference beyond 2 standard errors (needs 2+ seeds each)."""
+    """win / tie / loss of a over b: Welch's t-test at VERDICT_LEVEL (needs 2+ seeds each)."""
     if len(a) < 2 or len(b) < 2:
         return None
     d = np.mean(a) - np.mean(b)
-    se = np.sqrt(np.var(a, ddof=1) / len(a) + np.var(b, ddof=1) / len(b))
+    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    se = np.sqrt(va + vb)
     if se == 0:
         return "tie" if d == 0 else ("win" if d > 0 else "loss")
-    return "win" if d > 2 * se else "loss" if d < -2 * se else "tie"
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))  # Welch-Satterthwaite
+    c = _t_crit(df)
+    return "win" if d > c * se else "loss" if d < -c * se else "tie"
 
 
 def _paired(a: dict[int, float], b: dict[int, float]) -> tuple[str | None, list[float]]:
     """win / tie / loss of a over b on the seeds both have (same seed: same pool rows, splits and
-    feedback examples, so the between-seed spread of the feedback set cancels): the mean per-seed
-    difference beyond 2 standard errors of that mean (needs 2+ common seeds)."""
+    feedback examples, so the between-seed spread of the feedback set cancels): the paired t-test
+    of the per-seed differences at VERDICT_LEVEL (needs 2+ common seeds)."""
     common = sorted(set(a) & set(b))
     d = [a[s] - b[s] for s in common]
     if len(d) < 2:
@@ -214,7 +228,8 @@ def _paired(a: dict[int, float], b: dict[int, float]) -> tuple[str | None, list[
     m, se = float(np.mean(d)), float(np.std(d, ddof=1) / np.sqrt(len(d)))
     if se == 0:
         return ("tie" if m == 0 else "win" if m > 0 else "loss"), d
-    return ("win" if m > 2 * se else "loss" if m < -2 * se else "tie"), d
+    c = _t_crit(len(d) - 1)
+    return ("win" if m > c * se else "loss" if m < -c * se else "tie"), d
 
 
 def _by_seed(rs: list[dict]) -> dict[int, float]:
@@ -338,11 +353,14 @@ def methods_section(results: Path) -> list[str]:
                 a, b = list(_by_seed(ms[dm]).values()), list(_by_seed(ms[bm]).values())
                 sentences.append(_sentence(st, dm, bm, a, b, _by_seed(ms[dm]), _by_seed(ms[bm])))
     out += ["### Where DUET wins, ties and loses", "",
-            "Rule: a method wins when its mean best feedback exceeds the other's by more than two standard "
-            "errors of the difference (sqrt(s1²/n1 + s2²/n2)), loses when it is below by as much, and ties "
-            "otherwise. *Paired*: the same rule on the per-seed differences (runs of one seed share the pool "
-            "rows, the splits and the feedback examples, so the spread between seeds' feedback sets cancels); "
-            "the per-seed differences are listed. With 3 seeds both are coarse tests.", ""]
+            "Rule: a method wins when its mean best feedback exceeds the other's by more than the two-sided "
+            f"{VERDICT_LEVEL:.0%} Student-t quantile times the standard error of the difference (Welch: "
+            "sqrt(s1²/n1 + s2²/n2), Welch-Satterthwaite degrees of freedom), loses when it is below by as "
+            "much, and ties otherwise. *Paired*: the paired t-test of the per-seed differences (runs of one "
+            "seed share the pool rows, the splits and the feedback examples, so the spread between seeds' "
+            "feedback sets cancels; with 3 seeds the mean difference must exceed 4.30 standard errors); "
+            "the per-seed differences are listed, so a consistent sign that the test calls a tie is "
+            "visible. With 3 seeds both are coarse tests: a tie is not evidence of no difference.", ""]
     out += [f"- {s}" for s in sentences] or ["- Not yet measured (no DUET run next to a baseline run)."]
     out.append("")
     return out

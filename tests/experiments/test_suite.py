@@ -77,6 +77,16 @@ def test_paired_verdict_uses_common_seeds_and_the_per_seed_spread():
     assert _paired(b, a)[0] == "loss"
     assert _paired({0: 1.0, 1: 2.0}, {0: 1.5, 1: 1.5})[0] == "tie"  # +-0.5: no consistent sign
     assert _paired({0: 1.0}, {0: 0.0}) == (None, [1.0])  # one common seed: no verdict
+    # 3 seeds all ahead, mean 3.6 standard errors: beyond the normal 2 but not the t quantile (4.30
+    # with 2 degrees of freedom), so a tie; the same differences on 6 seeds (t 2.57) are a win
+    near = {0: 0.037, 1: 0.045, 2: 0.015}
+    assert _paired(near, {s: 0.0 for s in near})[0] == "tie"
+    six = {s: near[s % 3] for s in range(6)}
+    assert _paired(six, {s: 0.0 for s in six})[0] == "win"
+    # unpaired, Welch: a gap of 2.45 standard errors on 3 seeds each (4 degrees of freedom, t 2.78)
+    # is a tie, the same values on 21 seeds each a win
+    assert _verdict([0.3, 0.4, 0.5], [0.1, 0.2, 0.3]) == "tie"
+    assert _verdict([0.3, 0.4, 0.5] * 7, [0.1, 0.2, 0.3] * 7) == "win"
 
 
 def test_separation_cross_check_uses_the_uniform_runs_noise():
