@@ -358,7 +358,8 @@ def methods_section(results: Path) -> list[str]:
             "sqrt(s1²/n1 + s2²/n2), Welch-Satterthwaite degrees of freedom), loses when it is below by as "
             "much, and ties otherwise. *Paired*: the paired t-test of the per-seed differences (runs of one "
             "seed share the pool rows, the splits and the feedback examples, so the spread between seeds' "
-            "feedback sets cancels; with 3 seeds the mean difference must exceed 4.30 standard errors); "
+            f"feedback sets cancels; with 3 seeds the mean difference must exceed {_t_crit(2):.2f} standard "
+            "errors); "
             "the per-seed differences are listed, so a consistent sign that the test calls a tie is "
             "visible. With 3 seeds both are coarse tests: a tie is not evidence of no difference.", ""]
     out += [f"- {s}" for s in sentences] or ["- Not yet measured (no DUET run next to a baseline run)."]

@@ -164,7 +164,8 @@ def propose_core(x, y, mask, pending, params0, key, cfg: BOConfig, q: int):
     centers = x[jnp.where(mask[top_obs], top_obs, best_row)]
     signal_sd = jnp.sqrt(c.outputscale)
     # the uninformed-model fallback: a fit that explains the data as noise gives no direction
-    uninformed = (n >= 2) & (c.outputscale < cfg.explore_snr * c.noise)
+    snr = c.outputscale / c.noise  # the noise has a floor, so this is finite
+    uninformed = (n >= 2) & (snr < cfg.explore_snr)
     # portfolio: its members in turn, by the number of observed + pending rows (a replay of the
     # same tells makes the same choices); any other acquisition is a portfolio of one
     members = cfg.portfolio if cfg.acquisition == "portfolio" else (cfg.acquisition,)
@@ -222,8 +223,7 @@ def propose_core(x, y, mask, pending, params0, key, cfg: BOConfig, q: int):
 
     _, (x_new, vals) = jax.lax.scan(choose, (x, ys, used), jax.random.split(k_q, q))
     explored = jnp.broadcast_to(uninformed & (cfg.explore_snr > 0), (q,))
-    return x_new, params, RoundInfo(loss, beta, vals, y_mean, y_std, explored,
-                                     c.outputscale / c.noise)
+    return x_new, params, RoundInfo(loss, beta, vals, y_mean, y_std, explored, snr)
 
 
 @jit(static_argnames=("cfg", "q"))
