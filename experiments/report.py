@@ -236,15 +236,19 @@ def _by_seed(rs: list[dict]) -> dict[int, float]:
     return {d["seed"]: d["summary"]["best_feedback"] for d in rs if d["summary"].get("best_feedback") is not None}
 
 
-def _uniform_run_sds(ms: dict) -> list[tuple[float, int]]:
+def _uniform_sd_by_seed(ms: dict) -> dict[int, tuple[float, int]]:
     """Per uniform run (one per seed): the std (ddof 1) of its feedback, every evaluation being a
     fresh re-sample of the uniform ratio, and the number of evaluations it is over."""
-    out = []
+    out = {}
     for d in ms.get("uniform", []):
         fb = [r["feedback"] for r in d["history"] if r["feedback"] is not None]
         if len(fb) > 2:
-            out.append((float(np.std(fb, ddof=1)), len(fb)))
+            out[d["seed"]] = (float(np.std(fb, ddof=1)), len(fb))
     return out
+
+
+def _uniform_run_sds(ms: dict) -> list[tuple[float, int]]:
+    return list(_uniform_sd_by_seed(ms).values())
 
 
 def resample_cross_check(neg_loss: dict | None, ms: dict) -> str | None:
@@ -367,6 +371,157 @@ def methods_section(results: Path) -> list[str]:
     return out
 
 
+# ------------------------------------------------------------------------------ re-evaluated
+#: the comparisons pooled over settings (section 2c)
+POOLED_PAIRS = (("duet_if", "random_search"), ("duet_if", "uniform"), ("random_search", "uniform"),
+                ("duet_ur", "random_search"), ("duet_rh", "random_search"), ("duet_if", "duet_ur"),
+                ("duet_if", "duet_rh"), ("duet_if", "doremi"), ("doremi", "uniform"))
+
+
+def _confirmed(results: Path, runs: dict) -> dict:
+    """``{label: {method: {seed: value}}}``: each run's recommended ratio without selection (a
+    fixed-ratio method's history mean; the others' re-samples by experiments/confirm.py)."""
+    from experiments.confirm import FIXED_RATIO, confirm_path, confirmed_value
+    from experiments.confirm import load as load_lines
+
+    out: dict = {}
+    for label, ms in runs.items():
+        for m, rs in ms.items():
+            for d in rs:
+                lines = None
+                if m.split("@")[0] not in FIXED_RATIO:
+                    lines = load_lines(confirm_path(results, d["setting"], m, d["seed"], d.get("variant")))
+                    lines = [r for r in lines if r.get("run_config_hash") == d["config_hash"]]
+                c = confirmed_value(d, lines)
+                if c is not None:
+                    out.setdefault(label, {}).setdefault(m, {})[d["seed"]] = c
+    return out
+
+
+def confirmed_section(results: Path) -> tuple[list[str], bool]:
+    """Section 2b: the best feedback against the recommended ratio's re-evaluated value."""
+    from experiments.confirm import FIXED_RATIO
+    from experiments.confirm import N_RESAMPLES as N_CONFIRM
+
+    runs = _runs(results)
+    conf = _confirmed(results, runs)
+    out = ["## 2b. The recommended ratios, re-evaluated", "",
+           "A run's *best* feedback is the largest of its noisy evaluations, so it is biased upward, by more "
+           "for a method whose evaluations crowd near its incumbent (the maximum of many draws of nearly the "
+           "same value) than for one whose evaluations are spread out. What a user deploys is the ratio the run "
+           f"recommends: `python -m experiments.confirm` trains and scores each run's best ratio {N_CONFIRM} more "
+           "times with fresh mixtures and fine-tune keys, under the run's own config (its selector inside "
+           "domains, its k). For a fixed-ratio method (" + ", ".join(FIXED_RATIO) + ") every evaluation of the "
+           "run already is such a re-sample, so its value is the mean of its history. *Optimism* = best minus "
+           "re-evaluated. Verdicts as in section 2, on the re-evaluated values.", ""]
+    have = False
+    for _, _, label in _labels(runs):
+        c = conf.get(label, {})
+        if not any(m.split("@")[0] not in FIXED_RATIO for m in c):
+            continue  # nothing re-evaluated here beyond the fixed-ratio methods' own histories
+        have = True
+        out += [f"### {label}", "", "| method | seeds | best (section 2) | re-evaluated | optimism | per seed: "
+                "re-evaluated (n) |", "| --- | --- | --- | --- | --- | --- |"]
+        best = {m: _by_seed(rs) for m, rs in runs[label].items()}
+        for m in METHODS:
+            if m not in c:
+                continue
+            seeds = sorted(c[m])
+            vals = [c[m][s]["mean"] for s in seeds]
+            opt = [best[m][s] - c[m][s]["mean"] for s in seeds if s in best[m]]
+            per = ", ".join(f"{c[m][s]['mean']:.4f} ({c[m][s]['n']})" for s in seeds)
+            out.append(f"| {m} | {len(seeds)} | {_pm([best[m][s] for s in seeds if s in best[m]])} | {_pm(vals)} | "
+                       f"{_pm(opt)} | {per} |")
+        out.append("")
+        word = {"win": "wins over", "tie": "ties with", "loss": "loses to"}
+        for dm, bm in POOLED_PAIRS:
+            if dm in c and bm in c:
+                a = {s: v["mean"] for s, v in c[dm].items()}
+                b = {s: v["mean"] for s, v in c[bm].items()}
+                pv, d = _paired(a, b)
+                if pv is None:
+                    continue
+                out.append(f"- {label}: re-evaluated, paired: {dm} {word[pv]} {bm} (per-seed differences "
+                           f"{', '.join(f'{x:+.4f}' for x in d)}, {sum(x > 0 for x in d)} of {len(d)} seeds ahead).")
+        out.append("")
+    return out, have
+
+
+def _primary_labels(runs: dict, a: str, b: str) -> list[str]:
+    """Per setting, the largest variant at which both methods have runs (one label per setting, so
+    no setting counts twice)."""
+    out = []
+    for st in SETTINGS:
+        for var in reversed(list(VARIANTS)):
+            label = setting_label(st, var)
+            if label in runs and a in runs[label] and b in runs[label]:
+                out.append(label)
+                break
+    return out
+
+
+def pooled(runs: dict, values: dict, a: str, b: str) -> dict | None:
+    """The paired differences a - b over every (setting, seed) where both have a value, each over
+    that seed's one-evaluation noise std (the uniform run's re-samples): count ahead, mean, the
+    exact two-sided sign test and the one-sample t-test of the standardized differences."""
+    from scipy.stats import binomtest, ttest_1samp
+
+    z, labels = [], []
+    for label in _primary_labels(runs, a, b):
+        sd = {seed: v for seed, (v, _) in _uniform_sd_by_seed(runs[label]).items()}
+        va, vb = values.get(label, {}).get(a, {}), values.get(label, {}).get(b, {})
+        for seed in sorted(set(va) & set(vb) & set(sd)):
+            if sd[seed] > 0:
+                z.append((va[seed] - vb[seed]) / sd[seed])
+                labels.append(label)
+    if len(z) < 2:
+        return None
+    z = np.asarray(z)
+    ahead, behind = int((z > 0).sum()), int((z < 0).sum())  # exact ties (a shared first evaluation
+    # of the same ratio and key) count for neither side of the sign test
+    return {"n": len(z), "ahead": ahead, "level": len(z) - ahead - behind, "mean_z": float(z.mean()),
+            "median_z": float(np.median(z)),
+            "sign_p": float(binomtest(ahead, ahead + behind).pvalue) if ahead + behind else None,
+            "t_p": float(ttest_1samp(z, 0.0).pvalue) if z.std() > 0 else None,
+            "settings": sorted(set(labels), key=labels.index)}
+
+
+def pooled_section(results: Path) -> list[str]:
+    """Section 2c: each comparison over all settings together (3 seeds per setting cannot resolve
+    a difference of one noise std; 15 (setting, seed) pairs can)."""
+    runs = _runs(results)
+    best = {label: {m: _by_seed(rs) for m, rs in ms.items()} for label, ms in runs.items()}
+    conf = {label: {m: {s: v["mean"] for s, v in d.items()} for m, d in ms.items()}
+            for label, ms in _confirmed(results, runs).items()}
+    out = ["## 2c. Pooled over settings", "",
+           "With 3 seeds a setting's paired test needs a mean difference above 4.3 standard errors, so a "
+           "difference of about one evaluation's noise is a tie there even when its sign never changes. "
+           "Here each comparison is pooled over the settings: per (setting, seed), the difference of the two "
+           "methods over that seed's one-evaluation noise std (its uniform run's re-samples), one variant per "
+           "setting (the largest at which both methods ran, so no setting counts twice). *z* is that "
+           "standardized difference; *sign p*: the exact two-sided sign test of how many pairs are ahead; "
+           "*t p*: the one-sample t-test of the z values. The (setting, seed) pairs are independent draws "
+           "of pool rows, splits and feedback sets, but the p-values are not corrected for the "
+           f"{len(POOLED_PAIRS)} comparisons (Bonferroni at 5%: p < {0.05 / len(POOLED_PAIRS):.4f}).", ""]
+    for name, vals in (("best feedback (section 2)", best), ("re-evaluated (section 2b)", conf)):
+        rows = []
+        for a, b in POOLED_PAIRS:
+            r = pooled(runs, vals, a, b)
+            if r is None:
+                continue
+            p = lambda v: "–" if v is None else (f"{v:.1e}" if v < 1e-3 else f"{v:.3f}")  # noqa: E731
+            lv = f" ({r['level']} level)" if r["level"] else ""
+            rows.append(f"| {a} vs {b} | {r['n']} | {r['ahead']} of {r['n']}{lv} | {r['mean_z']:+.2f} | "
+                        f"{r['median_z']:+.2f} | {p(r['sign_p'])} | {p(r['t_p'])} | {', '.join(r['settings'])} |")
+        out += [f"### On the {name}", ""]
+        if not rows:
+            out += ["Not yet measured.", ""]
+            continue
+        out += ["| comparison | pairs | ahead | mean z | median z | sign p | t p | settings |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- |", *rows, ""]
+    return out
+
+
 def ablations_section(results: Path) -> tuple[list[str], bool]:
     """Runs keyed ``METHOD@ABLATION`` against their plain METHOD, seed by seed."""
     from experiments.settings import ABLATIONS
@@ -465,6 +620,10 @@ def main(argv=None) -> int:
               "runner also scores each task alone (`neg_loss:<task>`, `acc:<task>`, and their `:mean`).", ""]
     lines += separation_section(results)
     lines += methods_section(results)
+    conf_lines, have_conf = confirmed_section(results)
+    if have_conf:
+        lines += conf_lines
+    lines += pooled_section(results)
     abl, have_abl = ablations_section(results)
     if have_abl:
         lines += abl

@@ -72,9 +72,15 @@ def load(path: Path) -> list[dict]:
 
 
 def _append(path: Path, rec: dict) -> None:
+    """One JSON line, synced; after a line cut by a kill (no final newline) on a line of its own."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    cut = False
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            cut = f.read(1) != b"\n"
     with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+        f.write(("\n" if cut else "") + json.dumps(rec) + "\n")
         f.flush()
         os.fsync(f.fileno())
 

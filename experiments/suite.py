@@ -63,18 +63,26 @@ def result_path(results: Path, setting: str, method: str, seed: int, variant: st
     return results / setting_label(setting, variant) / method / f"seed{seed}.json"
 
 
+def scratch_locations(scratch: Path, variant: str, setting: str, method: str, seed: int) -> dict:
+    """The shared stores of a run under the scratch dir: one influence store per (setting, variant,
+    seed) (an ablation of the influence step scores into its own), one trunk cache for every run."""
+    from experiments.settings import ABLATIONS, split_key
+
+    _, abl = split_key(method)
+    tag = f"@{abl}" if abl and "influence" in ABLATIONS[abl] else ""
+    return {"influence_dir": str(scratch / "runs" / variant / setting / "influence" / f"seed{seed}{tag}"),
+            "trunk_dir": str(scratch / "trunk")}
+
+
 def make_config(setting, method, seed, variant, *, preset_name="demo", warm_start=DEFAULT_WARM,
                 rounds=DEFAULT_ROUNDS, extra=None, scratch: Path | None = None):
-    from experiments.settings import ABLATIONS, run_config, split_key
+    from experiments.settings import run_config
 
     extra = dict(extra or {})
     if scratch is not None:
-        _, abl = split_key(method)
-        # an ablation of the influence step scores into its own store; every other run of the
-        # (setting, seed) shares one
-        tag = f"@{abl}" if abl and "influence" in ABLATIONS[abl] else ""
-        extra["influence_dir"] = str(scratch / "runs" / variant / setting / "influence" / f"seed{seed}{tag}")
-        extra.setdefault("trunk_dir", str(scratch / "trunk"))  # one trunk pass per pool, for every run
+        loc = scratch_locations(scratch, variant, setting, method, seed)
+        extra["influence_dir"] = loc["influence_dir"]
+        extra.setdefault("trunk_dir", loc["trunk_dir"])
     return run_config(setting, method, seed, variant, preset_name=preset_name, rounds=rounds,
                       warm_start=warm_start, extra=extra)
 

@@ -1,0 +1,236 @@
+"""Re-evaluate each finished run's best ratio with fresh samples (issue 16: honest comparisons).
+
+A run's *best feedback* is the largest of its 16 noisy evaluations, so it is biased upward, and by
+how much depends on the method: a method that puts many evaluations near its incumbent takes the
+maximum over more draws of nearly the same value (the winner's curse) than one whose evaluations
+are spread out. What a user deploys is the ratio a run recommends, so this tool measures that
+ratio's value without the selection: the best ratio (``summary.best_ratio``) of each finished run,
+trained and scored ``--resamples`` more times (default 4) with fresh mixtures and fine-tune keys
+(evaluation indices ``CONFIRM_OFFSET + j``, never used by a run), under the run's own method
+config (its selector's weights inside domains, its k).
+
+Methods with a fixed ratio (``uniform``, ``doremi``, ``regmix``, ``aioli``) need no re-evaluation:
+every one of their evaluations is already a fresh sample of the one ratio they recommend, so the
+report takes the mean of their history.
+
+::
+
+    python -m experiments.confirm run --settings in_domain --methods random_search,duet_if \\
+        --seeds 0,1,2 --max-minutes 40
+    python -m experiments.confirm run --settings ood_medical --variant mid --methods duet_if
+    python -m experiments.confirm status --settings in_domain
+
+Raw results: ``experiments/results/confirm/<label>/<method>/seed<N>.jsonl``, one line per
+re-sample, appended (and fsynced) as each finishes; a rerun skips the re-samples there, so a killed
+or deadline-stopped invocation resumes. Lines made for another run (its config hash or best ratio
+changed) raise instead of being mixed in. One model, pool and trunk cache per (setting, seed); the
+influence scores come from the suite's shared store for that seed (computed if missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from experiments.separation import _append, load
+from experiments.suite import (
+    RESULTS,
+    _csv,
+    result_path,
+    scratch_dir,
+    scratch_locations,
+    setting_label,
+)
+
+#: the evaluation index of re-sample j: far above any run's own indices (a run has warm_start +
+#: rounds evaluations, and its proxies use other key streams), so its keys are fresh
+CONFIRM_OFFSET = 1_000_000
+N_RESAMPLES = 4
+#: methods whose every evaluation already re-samples the one ratio they recommend
+FIXED_RATIO = ("uniform", "doremi", "regmix", "aioli")
+
+
+def confirm_path(results: Path, setting: str, method: str, seed: int, variant: str = "demo") -> Path:
+    return results / "confirm" / setting_label(setting, variant) / method / f"seed{seed}.jsonl"
+
+
+def check_lines(lines: list[dict], run: dict, path: Path) -> list[dict]:
+    """The lines that belong to ``run`` (same config hash, same best ratio); anything else is an
+    error: re-samples of two different runs must never be averaged together."""
+    ratio = run["summary"]["best_ratio"]
+    for r in lines:
+        if r.get("run_config_hash") != run["config_hash"] or r.get("ratio_recommended") != ratio:
+            raise SystemExit(f"{path} holds re-samples of another run (config hash "
+                             f"{r.get('run_config_hash')} vs {run['config_hash']}); move it away")
+    return lines
+
+
+def confirmed_value(run: dict, lines: list[dict] | None) -> dict | None:
+    """``{"mean", "std", "n", "source"}`` of the recommended ratio's feedback without selection:
+    a fixed-ratio method's history (every evaluation a fresh sample of that ratio), or the
+    re-samples' lines; None when there is nothing yet."""
+    if run["method"].split("@")[0] in FIXED_RATIO:
+        v = [r["feedback"] for r in run["history"] if r.get("feedback") is not None]
+        source = "history"
+    else:
+        v = [r["feedback"] for r in (lines or []) if r.get("feedback") is not None]
+        source = "resamples"
+    if not v:
+        return None
+    return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else None,
+            "n": len(v), "source": source}
+
+
+def _strip_method(d: dict) -> str:
+    return json.dumps({k: v for k, v in d.items() if k != "method"}, sort_keys=True)
+
+
+def build_step(run: dict, scratch: Path, built: dict, log=print):
+    """``(step, ratio)``: the local step of ``run``'s own config (whatever warm start, rounds or
+    preset it ran with, with its stores under ``scratch``) and its recommended ratio in the
+    Setting's domain order. ``built`` caches the Setting per config-without-its-method, so the
+    methods of one (setting, seed) share one model, pool and trunk pass."""
+    from duet_jax.config import config_hash, from_dict, to_dict
+    from duet_jax.loop.feedback import make_feedback
+    from duet_jax.loop.local_step import LocalStep
+    from duet_jax.loop.methods import METHODS
+    from duet_jax.loop.selectors import selector_weights
+    from duet_jax.loop.setting import Setting, plan_data
+
+    setting, method, seed, variant = run["setting"], run["method"], run["seed"], run.get("variant", "demo")
+    cfg = dataclasses.replace(from_dict(run["config"]), **scratch_locations(scratch, variant, setting, method, seed))
+    if config_hash(cfg) != run["config_hash"]:
+        raise SystemExit(f"{setting_label(setting, variant)}/{method}/seed{seed}: its config does not rebuild "
+                         f"to its hash ({run['config_hash']} vs {config_hash(cfg)}); re-evaluating it would "
+                         "use another config")
+    key = _strip_method(to_dict(cfg))
+    if key not in built:
+        built.clear()  # one model in memory at a time
+        plan = plan_data(cfg, log)
+        st = Setting.build(cfg, plan, scratch / "confirm" / variant / setting / f"seed{seed}", log=log)
+        fb = make_feedback(cfg)
+        fb.prepare(st)
+        built[key] = (st, fb)
+    st, fb = built[key]
+    weights, _ = selector_weights(cfg.selector.kind or METHODS[cfg.method].selector, st, cfg.selector)
+    step = LocalStep(st, weights, fb, divergence_check=cfg.divergence_check)
+    ratio = np.asarray([run["summary"]["best_ratio"][n] for n in st.names], np.float64)
+    return step, ratio
+
+
+def run_confirm(settings, methods, seeds, variant: str, *, resamples: int = N_RESAMPLES,
+                results: Path = RESULTS, scratch: Path | None = None, max_minutes: float | None = None,
+                log=print) -> int:
+    """Re-evaluate what is missing; the number of re-samples run now."""
+    from duet_jax.run import _enable_compilation_cache
+
+    _enable_compilation_cache()
+    t0 = time.time()
+    scratch = scratch or scratch_dir()
+    n_run = 0
+    for seed in seeds:
+        for setting in settings:
+            built: dict = {}  # config without its method -> (Setting, feedback): one per seed
+            for method in methods:
+                if method.split("@")[0] in FIXED_RATIO:
+                    log(f"confirm: {method} has a fixed ratio: its history is the re-evaluation")
+                    continue
+                rp = result_path(results, setting, method, seed, variant)
+                if not rp.exists():
+                    log(f"confirm: {setting_label(setting, variant)}/{method}/seed{seed}: no finished run, skipped")
+                    continue
+                run = json.loads(rp.read_text())
+                path = confirm_path(results, setting, method, seed, variant)
+                done = {r["j"] for r in check_lines(load(path), run, path)}
+                todo = [j for j in range(resamples) if j not in done]
+                if not todo:
+                    continue
+                if max_minutes is not None and time.time() - t0 > 60 * max_minutes:
+                    log(f"confirm: --max-minutes {max_minutes} reached; stopping (rerun to continue)")
+                    return n_run
+                step, ratio = build_step(run, scratch, built, log)
+                for j in todo:
+                    if max_minutes is not None and time.time() - t0 > 60 * max_minutes:
+                        log(f"confirm: --max-minutes {max_minutes} reached; stopping (rerun to continue)")
+                        return n_run
+                    t = time.time()
+                    ev = step(ratio, CONFIRM_OFFSET + j, 0, "confirm")
+                    rec = {"j": j, "eval_index": CONFIRM_OFFSET + j, "seed": ev.record["seed"],
+                           "feedback": ev.feedback, "feedbacks": ev.record["feedbacks"],
+                           "errors": ev.record["errors"], "ratio": ev.record["ratio"],
+                           "ratio_recommended": run["summary"]["best_ratio"],
+                           "best_feedback": run["summary"]["best_feedback"],
+                           "run_config_hash": run["config_hash"], "time_s": round(time.time() - t, 2),
+                           "loadavg": os.getloadavg()}
+                    _append(path, rec)
+                    n_run += 1
+                    log(f"confirm: {setting_label(setting, variant)}/{method}/seed{seed} re-sample {j}: "
+                        f"{ev.feedback} (the run's best {run['summary']['best_feedback']:.4f}; "
+                        f"{rec['time_s']:.1f} s)")
+    log(f"confirm: done ({n_run} re-samples run now, {time.time() - t0:.0f} s)")
+    return n_run
+
+
+def status(settings, methods, seeds, variant: str, *, resamples: int = N_RESAMPLES,
+           results: Path = RESULTS, log=print) -> int:
+    left = 0
+    for seed in seeds:
+        for setting in settings:
+            for method in methods:
+                rp = result_path(results, setting, method, seed, variant)
+                label = f"{setting_label(setting, variant):24s} {method:14s} seed{seed}"
+                if not rp.exists():
+                    log(f"{label}  no finished run")
+                    continue
+                run = json.loads(rp.read_text())
+                if method.split("@")[0] in FIXED_RATIO:
+                    c = confirmed_value(run, None)
+                    log(f"{label}  fixed ratio: mean of its {c['n']} evaluations {c['mean']:.4f}")
+                    continue
+                lines = load(confirm_path(results, setting, method, seed, variant))
+                c = confirmed_value(run, lines)
+                n = 0 if c is None else c["n"]
+                left += max(resamples - len({r['j'] for r in lines}), 0)
+                v = "" if c is None else f": mean {c['mean']:.4f} (best {run['summary']['best_feedback']:.4f})"
+                log(f"{label}  {n}/{resamples} re-samples{v}")
+    log(f"{left} re-sample(s) left")
+    return left
+
+
+def main(argv=None) -> int:
+    from experiments.settings import SETTINGS, VARIANTS
+    from experiments.suite import METHODS
+
+    p = argparse.ArgumentParser(prog="python -m experiments.confirm", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("run", "status"):
+        sp = sub.add_parser(name)
+        sp.add_argument("--settings", type=_csv, default=list(SETTINGS))
+        sp.add_argument("--methods", type=_csv, default=[m for m in METHODS if m not in FIXED_RATIO])
+        sp.add_argument("--seeds", type=lambda s: [int(x) for x in _csv(s)], default=[0, 1, 2])
+        sp.add_argument("--variant", default="demo", choices=sorted(VARIANTS))
+        sp.add_argument("--resamples", type=int, default=N_RESAMPLES)
+        sp.add_argument("--results", default=str(RESULTS))
+        if name == "run":
+            sp.add_argument("--scratch", default=None)
+            sp.add_argument("--max-minutes", type=float, default=None)
+    a = p.parse_args(argv)
+    if a.cmd == "status":
+        status(a.settings, a.methods, a.seeds, a.variant, resamples=a.resamples, results=Path(a.results))
+        return 0
+    run_confirm(a.settings, a.methods, a.seeds, a.variant, resamples=a.resamples, results=Path(a.results),
+                scratch=scratch_dir(a.scratch), max_minutes=a.max_minutes,
+                log=lambda s: print(s, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Re-evaluating a run's recommended ratio (experiments/confirm.py) on the smoke preset: the same
+config and selector as the run (the run's own evaluation index reproduces its feedback), fresh keys
+for the re-samples, resumable, and refusing lines of another run."""
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments import confirm, settings, suite
+
+
+@pytest.fixture
+def finished(tmp_path, monkeypatch):
+    spec = settings.SettingSpec("tiny", ("arc_easy", "sciq", "openbookqa"), "ood", ("arc_challenge",), "test")
+    monkeypatch.setitem(settings.SETTINGS, "tiny", spec)
+    args = ["run", "--settings", "tiny", "--methods", "uniform,duet_if", "--seeds", "0", "--preset", "smoke",
+            "--warm-start", "2", "--rounds", "1", "--scratch", str(tmp_path / "s"), "--results",
+            str(tmp_path / "r"), "--inprocess", "--no-accuracy"]
+    assert suite.main(args) == 0
+    return tmp_path
+
+
+def test_confirm_reproduces_the_run_then_resamples_fresh_and_resumes(finished):
+    res, scratch = finished / "r", finished / "s"
+    run = json.loads((res / "tiny" / "duet_if" / "seed0.json").read_text())
+    best = run["summary"]["best_evaluation"]
+    # the step confirm builds is the run's own: at the run's best index it gives the run's feedback
+    step, ratio = confirm.build_step(run, scratch, {}, log=lambda s: None)
+    again = step(ratio, best, 0, "check")
+    assert again.feedback == pytest.approx(run["summary"]["best_feedback"], abs=1e-5)
+
+    n = confirm.run_confirm(["tiny"], ["uniform", "duet_if"], [0], "demo", resamples=2, results=res,
+                            scratch=scratch, log=lambda s: None)
+    assert n == 2  # uniform is a fixed ratio: nothing to run
+    path = confirm.confirm_path(res, "tiny", "duet_if", 0)
+    lines = confirm.load(path)
+    assert [r["j"] for r in lines] == [0, 1]
+    run_seeds = {r["seed"] for r in run["history"]}
+    assert all(r["seed"] not in run_seeds for r in lines) and lines[0]["seed"] != lines[1]["seed"]
+    assert all(np.isfinite(r["feedback"]) for r in lines)
+    assert all(r["ratio_recommended"] == run["summary"]["best_ratio"] for r in lines)
+    c = confirm.confirmed_value(run, lines)
+    assert c["n"] == 2 and c["mean"] == pytest.approx(np.mean([r["feedback"] for r in lines]))
+
+    # a cut last line is redone; finished lines are not
+    path.write_text(path.read_text().splitlines()[0] + "\n" + '{"j": 1, "feedb')
+    assert confirm.run_confirm(["tiny"], ["duet_if"], [0], "demo", resamples=2, results=res, scratch=scratch,
+                               log=lambda s: None) == 1
+    relines = confirm.load(path)
+    assert [r["j"] for r in relines] == [0, 1] and relines[1]["feedback"] == pytest.approx(lines[1]["feedback"])
+    assert confirm.run_confirm(["tiny"], ["duet_if"], [0], "demo", resamples=2, results=res, scratch=scratch,
+                               log=lambda s: None) == 0
+
+    # the fixed-ratio method's value is the mean of its own history
+    uni = json.loads((res / "tiny" / "uniform" / "seed0.json").read_text())
+    cu = confirm.confirmed_value(uni, None)
+    assert cu["source"] == "history" and cu["mean"] == pytest.approx(np.mean([r["feedback"] for r in uni["history"]]))
+
+    # lines of another run (its config changed) are refused, not averaged in
+    other = dict(run, config_hash="0" * 16)
+    with pytest.raises(SystemExit, match="another run"):
+        confirm.check_lines(relines, other, path)
+
+    # the report's section 2b shows the run's best beside the re-evaluated mean
+    from experiments import report
+
+    lines, have = report.confirmed_section(res)
+    assert have
+    row = next(x for x in lines if x.startswith("| duet_if |"))
+    assert f"{c['mean']:.4f}" in row and f"{run['summary']['best_feedback']:.4f}" in row
+
+
+def _run(setting, variant, method, seed, best, feedbacks):
+    return {"setting": setting, "variant": variant, "method": method, "seed": seed, "config_hash": "h",
+            "summary": {"best_feedback": best}, "history": [{"feedback": f} for f in feedbacks]}
+
+
+def test_pooled_standardizes_by_each_seeds_noise_and_counts_each_setting_once(monkeypatch):
+    from scipy.stats import binomtest
+
+    from experiments import report
+
+    monkeypatch.setattr(report, "SETTINGS", {"a": None, "b": None})
+    monkeypatch.setattr(report, "VARIANTS", {"demo": {}, "mid": {}})
+    rng = np.random.default_rng(0)
+    runs, values, want = {}, {}, []
+    for label, shift in (("a", 0.1), ("b-mid", -0.05), ("b", 9.0)):  # b-mid is b's larger variant
+        st, var = (label.split("-") + ["demo"])[:2]
+        ms = runs.setdefault(label, {})
+        for seed in range(3):
+            u = rng.normal(0, 0.02 * (seed + 1), 8)
+            ms.setdefault("uniform", []).append(_run(st, var, "uniform", seed, u.max(), u))
+            ms.setdefault("x", []).append(_run(st, var, "x", seed, 0, [0]))
+            values.setdefault(label, {}).setdefault("x", {})[seed] = shift * (seed + 1)
+            values[label].setdefault("uniform", {})[seed] = 0.0
+            if label != "b":
+                want.append(shift * (seed + 1) / np.std(u, ddof=1))
+    r = report.pooled(runs, values, "x", "uniform")
+    assert r["settings"] == ["a", "b-mid"]  # b's demo runs are not counted beside its mid runs
+    assert r["n"] == 6 and r["ahead"] == 3 and r["level"] == 0
+    assert r["mean_z"] == pytest.approx(np.mean(want))
+    assert r["sign_p"] == pytest.approx(binomtest(3, 6).pvalue)
+    values["a"]["x"][0] = 0.0  # an exact tie counts for neither side
+    r = report.pooled(runs, values, "x", "uniform")
+    assert r["level"] == 1 and r["ahead"] == 2 and r["sign_p"] == pytest.approx(binomtest(2, 5).pvalue)
