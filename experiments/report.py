@@ -652,6 +652,8 @@ def main(argv=None) -> int:
               "# method comparison (resumable; finished runs skipped, killed ones resumed)",
               "python -m experiments.suite run --settings ood_medical --variant mid --seeds 0,1,2 --max-minutes 100",
               "python -m experiments.suite status --settings ood_medical --variant mid --seeds 0,1,2",
+              "# each run's recommended ratio re-evaluated with fresh samples (resumable)",
+              "python -m experiments.confirm run --settings ood_medical --variant mid --seeds 0,1,2 --max-minutes 100",
               "# this page",
               "python -m experiments.report", "```", ""]
     PAGE.write_text("\n".join(lines))

@@ -52,6 +52,16 @@ def _design_jit(key, n, x_seen, seen, lower, upper, cfg: BOConfig):
                                               upper, cfg.has_bounds()))(pts)
 
 
+@jit(static_argnames=("cfg",))
+def _recommend_jit(x, y, mask, params0, key, cfg: BOConfig):
+    """The GP's posterior mean at the observed rows (original units), fitted as a round fits."""
+    _TRACES["recommend"] += 1
+    ys, mu, sd = gp.standardize(y, mask)
+    params, _ = gp.fit(x, ys, mask, params0, key, cfg)
+    mean, var = gp.predict(gp.posterior(x, ys, mask, params, cfg), x, cfg)
+    return mu + sd * mean, sd * jnp.sqrt(var)
+
+
 def _float_or_str(v: float):
     return v if math.isfinite(v) else str(v)  # "nan", "inf", "-inf": JSON has no such numbers
 
@@ -223,6 +233,40 @@ class SimplexBO:
         vals = self._y[ok]
         i = ok[int(np.argmax(vals) if self.maximize else np.argmin(vals))]
         return self._x[i].copy(), float(self._y[i])
+
+    def recommend(self) -> tuple[np.ndarray, float, float]:
+        """The told ratio to deploy under noisy feedback: ``(ratio [dim], mean, sd)``, the
+        successful evaluation whose GP posterior mean is best (BoTorch's "best in-sample posterior
+        mean"), with that mean and its posterior sd in the feedback's units.
+
+        ``best()`` returns the largest told value, which with noisy feedback is the maximum of
+        noisy draws, biased upward, most where many evaluations sit close together; the posterior
+        mean pools each evaluation with its neighbours. The fit is a fresh one on every successful
+        evaluation (the same prior, restarts and steps as a round) from a key of its own, so calling
+        this changes no later ask. With fewer than 3 successful evaluations it is ``best()`` (its
+        value, sd 0): too few to fit.
+        """
+        ok = np.flatnonzero(~self._failed)
+        if len(ok) < 3:
+            r, v = self.best()
+            return r, v, 0.0
+        cfg = self.config
+        sign = 1.0 if self.maximize else -1.0
+        cap = capacity(len(ok), cfg.min_capacity)
+        x = np.zeros((cap, self.dim))
+        x[: len(ok)] = self._x[ok]
+        y = np.zeros(cap)
+        y[: len(ok)] = sign * self._y[ok]
+        mask = np.arange(cap) < len(ok)
+        key = jax.random.fold_in(jax.random.PRNGKey(self.seed), 7_000_003)  # not the ask stream
+        with x64():
+            params0 = self._params or gp.prior_mode(self.dim, cfg)
+            f64 = lambda a: jnp.asarray(a, jnp.float64)  # noqa: E731
+            mean, sd = _recommend_jit(f64(x), f64(y), jnp.asarray(mask), jax.tree.map(f64, params0), key,
+                                      cfg.for_round())
+        mean, sd = np.asarray(mean)[: len(ok)], np.asarray(sd)[: len(ok)]
+        i = int(np.argmax(mean))
+        return self._x[ok[i]].copy(), float(sign * mean[i]), float(sd[i])
 
     # -- state ---------------------------------------------------------------------------------
 

@@ -249,3 +249,43 @@ def test_loop_run_returns_each_rounds_fitted_snr_and_fallback_flag():
     assert np.all(np.isfinite(info.snr)) and np.all(info.snr > 0)
     x2, _ = loop.run(flat, 3, 9, [0, 1], config=cfg, noise_sd=1.0)
     np.testing.assert_array_equal(x, x2)
+
+
+def test_recommend_prefers_a_consistent_region_over_a_lucky_outlier():
+    """Noisy feedback: the largest told value (an outlier among low neighbours) is not what the
+    posterior mean recommends; noiseless distinct values: the same ratio as best()."""
+    rng = np.random.default_rng(0)
+    good = np.array([0.6, 0.3, 0.1])
+    far = np.array([0.05, 0.1, 0.85])
+    cluster = np.abs(good + 0.03 * rng.normal(size=(8, 3)))
+    near_far = np.abs(far + 0.03 * rng.normal(size=(4, 3)))
+    x = np.concatenate([cluster, near_far, far[None]])
+    x /= x.sum(1, keepdims=True)
+    y = np.concatenate([1.0 + 0.05 * rng.normal(size=8), 0.05 * rng.normal(size=4), [1.25]])
+    opt = SimplexBO(3, seed=0)
+    opt.tell(x, y)
+    rb, vb = opt.best()
+    assert np.allclose(rb, x[-1]) and vb == 1.25
+    rr, mean, sd = opt.recommend()
+    i = int(np.flatnonzero(np.all(np.isclose(x, rr), axis=1))[0])
+    assert i < 8, f"recommended row {i}, not one of the consistent cluster"
+    assert 0.8 < mean < 1.2 and sd > 0
+
+    smooth = SimplexBO(3, seed=1)
+    xs = rng.dirichlet(np.ones(3), 10)
+    smooth.tell(xs, -np.sum((xs - good) ** 2, 1))
+    assert np.allclose(smooth.recommend()[0], smooth.best()[0])
+
+
+def test_recommend_changes_no_ask_and_falls_back_to_best_on_tiny_data():
+    a, b = SimplexBO(3, seed=2), SimplexBO(3, seed=2)
+    for _ in range(4):
+        for o in (a, b):
+            r = o.ask()[0]
+            o.tell(r, float(r[0] - r[1]))
+    a.recommend()
+    assert np.array_equal(a.ask(), b.ask())  # its own key: the ask stream is untouched
+    tiny = SimplexBO(3, seed=0, on_nonfinite="record")
+    tiny.tell(np.array([[0.2, 0.3, 0.5], [0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]), [1.0, 2.0, float("nan")])
+    r, v, sd = tiny.recommend()  # two successful evaluations: best()
+    assert np.allclose(r, [0.5, 0.5, 0.0]) and v == 2.0 and sd == 0.0
