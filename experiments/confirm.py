@@ -57,14 +57,45 @@ N_RESAMPLES = 4
 FIXED_RATIO = ("uniform", "doremi", "regmix", "aioli")
 
 
-def confirm_path(results: Path, setting: str, method: str, seed: int, variant: str = "demo") -> Path:
-    return results / "confirm" / setting_label(setting, variant) / method / f"seed{seed}.jsonl"
+#: which ratio of a run is re-evaluated: ``best`` (its best told evaluation, ``summary.best_ratio``)
+#: or ``recommended`` (the told ratio with the best GP posterior mean, ``SimplexBO.recommend``)
+WHICH = ("best", "recommended")
 
 
-def check_lines(lines: list[dict], run: dict, path: Path) -> list[dict]:
-    """The lines that belong to ``run`` (same config hash, same best ratio); anything else is an
-    error: re-samples of two different runs must never be averaged together."""
-    ratio = run["summary"]["best_ratio"]
+def confirm_path(results: Path, setting: str, method: str, seed: int, variant: str = "demo",
+                 which: str = "best") -> Path:
+    tail = "" if which == "best" else f".{which}"
+    return results / "confirm" / setting_label(setting, variant) / method / f"seed{seed}{tail}.jsonl"
+
+
+def recommended_ratio(run: dict) -> dict:
+    """The told ratio whose GP posterior mean is best (``SimplexBO.recommend`` with the run's BO
+    config and seed over its successful evaluations), as ``{domain: share}``."""
+    from duet_jax.bo.config import BOConfig
+    from duet_jax.bo.simplex_bo import SimplexBO
+
+    ok = [r for r in run["history"] if r.get("feedback") is not None]
+    names = list(ok[0]["ratio"])
+    opt = SimplexBO(len(names), seed=run["seed"], config=BOConfig.from_dict(run["config"]["bo"]))
+    opt.tell(np.asarray([[r["ratio"][n] for n in names] for r in ok]), [r["feedback"] for r in ok])
+    x = opt.recommend()[0]
+    i = int(np.argmin(np.max(np.abs(np.asarray([[r["ratio"][n] for n in names] for r in ok]) - x), axis=1)))
+    return dict(ok[i]["ratio"])  # the told record's own ratio, bit for bit
+
+
+def target_ratio(run: dict, which: str) -> dict:
+    if which == "best":
+        return run["summary"]["best_ratio"]
+    if which == "recommended":
+        return recommended_ratio(run)
+    raise SystemExit(f"unknown --which {which!r}; one of {', '.join(WHICH)}")
+
+
+def check_lines(lines: list[dict], run: dict, path: Path, ratio: dict | None = None) -> list[dict]:
+    """The lines that belong to ``run`` (same config hash, same re-evaluated ratio: the best one
+    unless ``ratio`` says otherwise); anything else is an error: re-samples of two different runs
+    must never be averaged together."""
+    ratio = run["summary"]["best_ratio"] if ratio is None else ratio
     for r in lines:
         if r.get("run_config_hash") != run["config_hash"] or r.get("ratio_recommended") != ratio:
             raise SystemExit(f"{path} holds re-samples of another run (config hash "
@@ -92,10 +123,10 @@ def _strip_method(d: dict) -> str:
     return json.dumps({k: v for k, v in d.items() if k != "method"}, sort_keys=True)
 
 
-def build_step(run: dict, scratch: Path, built: dict, log=print):
+def build_step(run: dict, scratch: Path, built: dict, log=print, ratio: dict | None = None):
     """``(step, ratio)``: the local step of ``run``'s own config (whatever warm start, rounds or
-    preset it ran with, with its stores under ``scratch``) and its recommended ratio in the
-    Setting's domain order. ``built`` caches the Setting per config-without-its-method, so the
+    preset it ran with, with its stores under ``scratch``) and the ratio to re-evaluate (its best
+    unless ``ratio`` says otherwise) in the Setting's domain order. ``built`` caches the Setting per config-without-its-method, so the
     methods of one (setting, seed) share one model, pool and trunk pass."""
     from duet_jax.config import config_hash, from_dict, to_dict
     from duet_jax.loop.feedback import make_feedback
@@ -121,14 +152,16 @@ def build_step(run: dict, scratch: Path, built: dict, log=print):
     st, fb = built[key]
     weights, _ = selector_weights(cfg.selector.kind or METHODS[cfg.method].selector, st, cfg.selector)
     step = LocalStep(st, weights, fb, divergence_check=cfg.divergence_check)
-    ratio = np.asarray([run["summary"]["best_ratio"][n] for n in st.names], np.float64)
-    return step, ratio
+    ratio = run["summary"]["best_ratio"] if ratio is None else ratio
+    return step, np.asarray([ratio[n] for n in st.names], np.float64)
 
 
 def run_confirm(settings, methods, seeds, variant: str, *, resamples: int = N_RESAMPLES,
                 results: Path = RESULTS, scratch: Path | None = None, max_minutes: float | None = None,
-                log=print) -> int:
-    """Re-evaluate what is missing; the number of re-samples run now."""
+                which: str = "best", log=print) -> int:
+    """Re-evaluate what is missing; the number of re-samples run now. ``which="recommended"``
+    re-evaluates the GP's recommendation, and nothing where it is the best ratio (those lines are
+    the best ratio's)."""
     from duet_jax.run import _enable_compilation_cache
 
     _enable_compilation_cache()
@@ -147,39 +180,54 @@ def run_confirm(settings, methods, seeds, variant: str, *, resamples: int = N_RE
                     log(f"confirm: {setting_label(setting, variant)}/{method}/seed{seed}: no finished run, skipped")
                     continue
                 run = json.loads(rp.read_text())
-                path = confirm_path(results, setting, method, seed, variant)
-                done = {r["j"] for r in check_lines(load(path), run, path)}
+                ratio = target_ratio(run, which)
+                if which != "best" and ratio == run["summary"]["best_ratio"]:
+                    log(f"confirm: {setting_label(setting, variant)}/{method}/seed{seed}: the {which} ratio is "
+                        "the best one: its re-samples are the best ratio's")
+                    continue
+                path = confirm_path(results, setting, method, seed, variant, which)
+                done = {r["j"] for r in check_lines(load(path), run, path, ratio)}
                 todo = [j for j in range(resamples) if j not in done]
                 if not todo:
                     continue
                 if max_minutes is not None and time.time() - t0 > 60 * max_minutes:
                     log(f"confirm: --max-minutes {max_minutes} reached; stopping (rerun to continue)")
                     return n_run
-                step, ratio = build_step(run, scratch, built, log)
+                step, ratio_v = build_step(run, scratch, built, log, ratio)
                 for j in todo:
                     if max_minutes is not None and time.time() - t0 > 60 * max_minutes:
                         log(f"confirm: --max-minutes {max_minutes} reached; stopping (rerun to continue)")
                         return n_run
                     t = time.time()
-                    ev = step(ratio, CONFIRM_OFFSET + j, 0, "confirm")
+                    ev = step(ratio_v, CONFIRM_OFFSET + j, 0, "confirm")
                     rec = {"j": j, "eval_index": CONFIRM_OFFSET + j, "seed": ev.record["seed"],
                            "feedback": ev.feedback, "feedbacks": ev.record["feedbacks"],
                            "errors": ev.record["errors"], "ratio": ev.record["ratio"],
-                           "ratio_recommended": run["summary"]["best_ratio"],
+                           "ratio_recommended": ratio, "which": which,
                            "best_feedback": run["summary"]["best_feedback"],
                            "run_config_hash": run["config_hash"], "time_s": round(time.time() - t, 2),
                            "loadavg": os.getloadavg()}
                     _append(path, rec)
                     n_run += 1
-                    log(f"confirm: {setting_label(setting, variant)}/{method}/seed{seed} re-sample {j}: "
+                    log(f"confirm: {setting_label(setting, variant)}/{method}/seed{seed} ({which}) re-sample {j}: "
                         f"{ev.feedback} (the run's best {run['summary']['best_feedback']:.4f}; "
                         f"{rec['time_s']:.1f} s)")
     log(f"confirm: done ({n_run} re-samples run now, {time.time() - t0:.0f} s)")
     return n_run
 
 
+def lines_for(results: Path, run: dict, which: str = "best") -> list[dict]:
+    """The re-samples of ``run``'s ``which`` ratio that are on disk (the best ratio's where the
+    recommendation is the best ratio), only those made for this run."""
+    ratio = target_ratio(run, which)
+    if which != "best" and ratio == run["summary"]["best_ratio"]:
+        which = "best"
+    lines = load(confirm_path(results, run["setting"], run["method"], run["seed"], run.get("variant", "demo"), which))
+    return [r for r in lines if r.get("run_config_hash") == run["config_hash"] and r.get("ratio_recommended") == ratio]
+
+
 def status(settings, methods, seeds, variant: str, *, resamples: int = N_RESAMPLES,
-           results: Path = RESULTS, log=print) -> int:
+           results: Path = RESULTS, which: str = "best", log=print) -> int:
     left = 0
     for seed in seeds:
         for setting in settings:
@@ -194,7 +242,7 @@ def status(settings, methods, seeds, variant: str, *, resamples: int = N_RESAMPL
                     c = confirmed_value(run, None)
                     log(f"{label}  fixed ratio: mean of its {c['n']} evaluations {c['mean']:.4f}")
                     continue
-                lines = load(confirm_path(results, setting, method, seed, variant))
+                lines = lines_for(results, run, which)
                 c = confirmed_value(run, lines)
                 n = 0 if c is None else c["n"]
                 left += max(resamples - len({r['j'] for r in lines}), 0)
@@ -219,15 +267,18 @@ def main(argv=None) -> int:
         sp.add_argument("--variant", default="demo", choices=sorted(VARIANTS))
         sp.add_argument("--resamples", type=int, default=N_RESAMPLES)
         sp.add_argument("--results", default=str(RESULTS))
+        sp.add_argument("--which", default="best", choices=WHICH,
+                        help="the run's best ratio, or the GP's recommendation (SimplexBO.recommend)")
         if name == "run":
             sp.add_argument("--scratch", default=None)
             sp.add_argument("--max-minutes", type=float, default=None)
     a = p.parse_args(argv)
     if a.cmd == "status":
-        status(a.settings, a.methods, a.seeds, a.variant, resamples=a.resamples, results=Path(a.results))
+        status(a.settings, a.methods, a.seeds, a.variant, resamples=a.resamples, results=Path(a.results),
+               which=a.which)
         return 0
     run_confirm(a.settings, a.methods, a.seeds, a.variant, resamples=a.resamples, results=Path(a.results),
-                scratch=scratch_dir(a.scratch), max_minutes=a.max_minutes,
+                scratch=scratch_dir(a.scratch), max_minutes=a.max_minutes, which=a.which,
                 log=lambda s: print(s, flush=True))
     return 0
 

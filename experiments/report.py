@@ -378,11 +378,11 @@ POOLED_PAIRS = (("duet_if", "random_search"), ("duet_if", "uniform"), ("random_s
                 ("duet_if", "duet_rh"), ("duet_if", "doremi"), ("doremi", "uniform"))
 
 
-def _confirmed(results: Path, runs: dict) -> dict:
-    """``{label: {method: {seed: value}}}``: each run's recommended ratio without selection (a
-    fixed-ratio method's history mean; the others' re-samples by experiments/confirm.py)."""
-    from experiments.confirm import FIXED_RATIO, confirm_path, confirmed_value
-    from experiments.confirm import load as load_lines
+def _confirmed(results: Path, runs: dict, which: str = "best") -> dict:
+    """``{label: {method: {seed: value}}}``: each run's ``which`` ratio (best told, or the GP's
+    recommendation) without selection (a fixed-ratio method's history mean; the others'
+    re-samples by experiments/confirm.py)."""
+    from experiments.confirm import FIXED_RATIO, confirmed_value, lines_for
 
     out: dict = {}
     for label, ms in runs.items():
@@ -390,8 +390,7 @@ def _confirmed(results: Path, runs: dict) -> dict:
             for d in rs:
                 lines = None
                 if m.split("@")[0] not in FIXED_RATIO:
-                    lines = load_lines(confirm_path(results, d["setting"], m, d["seed"], d.get("variant")))
-                    lines = [r for r in lines if r.get("run_config_hash") == d["config_hash"]]
+                    lines = lines_for(results, d, which)
                 c = confirmed_value(d, lines)
                 if c is not None:
                     out.setdefault(label, {}).setdefault(m, {})[d["seed"]] = c
@@ -399,29 +398,36 @@ def _confirmed(results: Path, runs: dict) -> dict:
 
 
 def confirmed_section(results: Path) -> tuple[list[str], bool]:
-    """Section 2b: the best feedback against the recommended ratio's re-evaluated value."""
+    """Section 2b: the best feedback against the re-evaluated value of the best told ratio and of
+    the GP's recommendation."""
     from experiments.confirm import FIXED_RATIO
     from experiments.confirm import N_RESAMPLES as N_CONFIRM
 
     runs = _runs(results)
     conf = _confirmed(results, runs)
+    rec = _confirmed(results, runs, "recommended")
     out = ["## 2b. The recommended ratios, re-evaluated", "",
            "A run's *best* feedback is the largest of its noisy evaluations, so it is biased upward, by more "
            "for a method whose evaluations crowd near its incumbent (the maximum of many draws of nearly the "
            "same value) than for one whose evaluations are spread out. What a user deploys is the ratio the run "
            f"recommends: `python -m experiments.confirm` trains and scores each run's best ratio {N_CONFIRM} more "
            "times with fresh mixtures and fine-tune keys, under the run's own config (its selector inside "
-           "domains, its k). For a fixed-ratio method (" + ", ".join(FIXED_RATIO) + ") every evaluation of the "
+           "domains, its k), and with `--which recommended` the told ratio with the best GP posterior mean "
+           "(`SimplexBO.recommend`, fitted on the run's history; where it is the best told ratio its re-samples "
+           "are the same). For a fixed-ratio method (" + ", ".join(FIXED_RATIO) + ") every evaluation of the "
            "run already is such a re-sample, so its value is the mean of its history. *Optimism* = best minus "
            "re-evaluated. Verdicts as in section 2, on the re-evaluated values.", ""]
     have = False
+    word = {"win": "wins over", "tie": "ties with", "loss": "loses to"}
     for _, _, label in _labels(runs):
         c = conf.get(label, {})
         if not any(m.split("@")[0] not in FIXED_RATIO for m in c):
             continue  # nothing re-evaluated here beyond the fixed-ratio methods' own histories
         have = True
-        out += [f"### {label}", "", "| method | seeds | best (section 2) | re-evaluated | optimism | per seed: "
-                "re-evaluated (n) |", "| --- | --- | --- | --- | --- | --- |"]
+        rc = rec.get(label, {})
+        out += [f"### {label}", "", "| method | seeds | best (section 2) | best told ratio, re-evaluated | "
+                "optimism | per seed (n) | GP-recommended, re-evaluated | per seed (n) |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         best = {m: _by_seed(rs) for m, rs in runs[label].items()}
         for m in METHODS:
             if m not in c:
@@ -430,19 +436,22 @@ def confirmed_section(results: Path) -> tuple[list[str], bool]:
             vals = [c[m][s]["mean"] for s in seeds]
             opt = [best[m][s] - c[m][s]["mean"] for s in seeds if s in best[m]]
             per = ", ".join(f"{c[m][s]['mean']:.4f} ({c[m][s]['n']})" for s in seeds)
+            fixed = m.split("@")[0] in FIXED_RATIO
+            rs_ = sorted(rc.get(m, {}))
+            rper = "same ratio" if fixed else ", ".join(f"{rc[m][s]['mean']:.4f} ({rc[m][s]['n']})" for s in rs_)
             out.append(f"| {m} | {len(seeds)} | {_pm([best[m][s] for s in seeds if s in best[m]])} | {_pm(vals)} | "
-                       f"{_pm(opt)} | {per} |")
+                       f"{_pm(opt)} | {per} | {'–' if fixed else _pm([rc[m][s]['mean'] for s in rs_])} | "
+                       f"{rper or '–'} |")
         out.append("")
-        word = {"win": "wins over", "tie": "ties with", "loss": "loses to"}
-        for dm, bm in POOLED_PAIRS:
-            if dm in c and bm in c:
-                a = {s: v["mean"] for s, v in c[dm].items()}
-                b = {s: v["mean"] for s, v in c[bm].items()}
-                pv, d = _paired(a, b)
-                if pv is None:
-                    continue
-                out.append(f"- {label}: re-evaluated, paired: {dm} {word[pv]} {bm} (per-seed differences "
-                           f"{', '.join(f'{x:+.4f}' for x in d)}, {sum(x > 0 for x in d)} of {len(d)} seeds ahead).")
+        for name, vals_ in (("re-evaluated", c), ("GP-recommended, re-evaluated", rc)):
+            for dm, bm in POOLED_PAIRS:
+                if dm in vals_ and bm in vals_:
+                    pv, d = _paired({s: v["mean"] for s, v in vals_[dm].items()},
+                                    {s: v["mean"] for s, v in vals_[bm].items()})
+                    if pv is not None:
+                        out.append(f"- {label}: {name}, paired: {dm} {word[pv]} {bm} (per-seed differences "
+                                   f"{', '.join(f'{x:+.4f}' for x in d)}, {sum(x > 0 for x in d)} of {len(d)} "
+                                   "seeds ahead).")
         out.append("")
     return out, have
 
@@ -491,8 +500,9 @@ def pooled_section(results: Path) -> list[str]:
     a difference of one noise std; 15 (setting, seed) pairs can)."""
     runs = _runs(results)
     best = {label: {m: _by_seed(rs) for m, rs in ms.items()} for label, ms in runs.items()}
-    conf = {label: {m: {s: v["mean"] for s, v in d.items()} for m, d in ms.items()}
-            for label, ms in _confirmed(results, runs).items()}
+    flat = lambda c: {label: {m: {s: v["mean"] for s, v in d.items()} for m, d in ms.items()}  # noqa: E731
+                      for label, ms in c.items()}
+    conf, rec = flat(_confirmed(results, runs)), flat(_confirmed(results, runs, "recommended"))
     out = ["## 2c. Pooled over settings", "",
            "With 3 seeds a setting's paired test needs a mean difference above 4.3 standard errors, so a "
            "difference of about one evaluation's noise is a tie there even when its sign never changes. "
@@ -503,10 +513,20 @@ def pooled_section(results: Path) -> list[str]:
            "*t p*: the one-sample t-test of the z values. The (setting, seed) pairs are independent draws "
            "of pool rows, splits and feedback sets, but the p-values are not corrected for the "
            f"{len(POOLED_PAIRS)} comparisons (Bonferroni at 5%: p < {0.05 / len(POOLED_PAIRS):.4f}).", ""]
-    for name, vals in (("best feedback (section 2)", best), ("re-evaluated (section 2b)", conf)):
+    # the same run's two picks: GP recommendation against best told ratio, both re-evaluated
+    both = {label: {**{f"{m}:best": v for m, v in conf.get(label, {}).items()},
+                    **{f"{m}:recommended": v for m, v in rec.get(label, {}).items()}} for label in runs}
+    runs_both = {label: {**ms, **{f"{m}:{w}": rs for m, rs in ms.items() for w in ("best", "recommended")}}
+                 for label, ms in runs.items()}
+    pick_pairs = [(f"{m}:recommended", f"{m}:best") for m in ("duet_if", "duet_ur", "duet_rh", "random_search")]
+    for name, vals, pairs, rs in (("best feedback (section 2)", best, POOLED_PAIRS, runs),
+                                  ("re-evaluated best told ratio (section 2b)", conf, POOLED_PAIRS, runs),
+                                  ("re-evaluated GP recommendation (section 2b)", rec, POOLED_PAIRS, runs),
+                                  ("GP recommendation against the best told ratio, same run, both re-evaluated",
+                                   both, pick_pairs, runs_both)):
         rows = []
-        for a, b in POOLED_PAIRS:
-            r = pooled(runs, vals, a, b)
+        for a, b in pairs:
+            r = pooled(rs, vals, a, b)
             if r is None:
                 continue
             p = lambda v: "–" if v is None else (f"{v:.1e}" if v < 1e-3 else f"{v:.3f}")  # noqa: E731

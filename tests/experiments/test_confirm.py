@@ -62,6 +62,17 @@ def test_confirm_reproduces_the_run_then_resamples_fresh_and_resumes(finished):
     with pytest.raises(SystemExit, match="another run"):
         confirm.check_lines(relines, other, path)
 
+    # the GP's recommendation: re-evaluated apart unless it is the best told ratio
+    rec = confirm.target_ratio(run, "recommended")
+    assert rec in [r["ratio"] for r in run["history"]]
+    n = confirm.run_confirm(["tiny"], ["duet_if"], [0], "demo", resamples=2, results=res, scratch=scratch,
+                            which="recommended", log=lambda s: None)
+    rl = confirm.lines_for(res, run, "recommended")
+    if rec == run["summary"]["best_ratio"]:
+        assert n == 0 and rl == confirm.lines_for(res, run, "best")
+    else:
+        assert n == 2 and [r["ratio_recommended"] for r in rl] == [rec, rec]
+
     # the report's section 2b shows the run's best beside the re-evaluated mean
     from experiments import report
 
