@@ -23,7 +23,10 @@ report takes the mean of their history.
 Raw results: ``experiments/results/confirm/<label>/<method>/seed<N>.jsonl``, one line per
 re-sample, appended (and fsynced) as each finishes; a rerun skips the re-samples there, so a killed
 or deadline-stopped invocation resumes. Lines made for another run (its config hash or best ratio
-changed) raise instead of being mixed in. One model, pool and trunk cache per (setting, seed); the
+changed) raise instead of being mixed in. Before the first re-sample of each (setting, seed) the
+run's own best evaluation is replayed (same index, same keys) and must give the recorded feedback
+(``replay.jsonl``): a code or data change since the run stops the tool instead of comparing
+re-samples of a different program with the run's numbers. One model, pool and trunk cache per (setting, seed); the
 influence scores come from the suite's shared store for that seed (computed if missing).
 """
 
@@ -156,6 +159,38 @@ def build_step(run: dict, scratch: Path, built: dict, log=print, ratio: dict | N
     return step, np.asarray([ratio[n] for n in st.names], np.float64)
 
 
+#: a replayed evaluation must give the run's recorded feedback within this (the same code and
+#: machine give it bit for bit; another CPU may differ in the last digits)
+REPLAY_TOL = 1e-3
+
+
+def replay_check(run: dict, step, ratio_v, results: Path, log=print) -> dict:
+    """Re-run the run's own best evaluation (its index, so its keys) and compare with the recorded
+    feedback: if the code or the data changed since the run, re-samples would measure something
+    else than the run did. Kept in ``confirm/<label>/replay.jsonl``; a mismatch raises."""
+    i = run["summary"]["best_evaluation"]
+    label = setting_label(run["setting"], run.get("variant", "demo"))
+    path = results / "confirm" / label / "replay.jsonl"
+    for r in load(path):
+        if (r["method"], r["seed"], r["run_config_hash"]) == (run["method"], run["seed"], run["config_hash"]):
+            return r
+    t = time.time()
+    got = step(ratio_v, i, 0, "replay").feedback
+    want = run["history"][i]["feedback"]
+    rec = {"method": run["method"], "seed": run["seed"], "run_config_hash": run["config_hash"], "eval": i,
+           "recorded": want, "replay": got, "time_s": round(time.time() - t, 2)}
+    ok = got is not None and abs(got - want) <= REPLAY_TOL
+    if ok:
+        _append(path, rec)
+    log(f"confirm: {label}/{run['method']}/seed{run['seed']}: replay of evaluation {i}: {got} "
+        f"(recorded {want}){'' if ok else ' MISMATCH'}")
+    if not ok:
+        raise SystemExit(f"{label}/{run['method']}/seed{run['seed']}: replaying evaluation {i} gave {got}, "
+                         f"the run recorded {want}: the code or the data changed since the run, so fresh "
+                         "re-samples would not measure what it measured")
+    return rec
+
+
 def run_confirm(settings, methods, seeds, variant: str, *, resamples: int = N_RESAMPLES,
                 results: Path = RESULTS, scratch: Path | None = None, max_minutes: float | None = None,
                 which: str = "best", log=print) -> int:
@@ -194,6 +229,12 @@ def run_confirm(settings, methods, seeds, variant: str, *, resamples: int = N_RE
                     log(f"confirm: --max-minutes {max_minutes} reached; stopping (rerun to continue)")
                     return n_run
                 step, ratio_v = build_step(run, scratch, built, log, ratio)
+                if not built.get("replayed"):  # once per Setting built: its code path still the run's
+                    if which == "best":
+                        replay_check(run, step, ratio_v, results, log)
+                    else:
+                        replay_check(run, *build_step(run, scratch, built, log), results, log)
+                    built["replayed"] = True
                 for j in todo:
                     if max_minutes is not None and time.time() - t0 > 60 * max_minutes:
                         log(f"confirm: --max-minutes {max_minutes} reached; stopping (rerun to continue)")

@@ -33,6 +33,8 @@ def test_confirm_reproduces_the_run_then_resamples_fresh_and_resumes(finished):
     n = confirm.run_confirm(["tiny"], ["uniform", "duet_if"], [0], "demo", resamples=2, results=res,
                             scratch=scratch, log=lambda s: None)
     assert n == 2  # uniform is a fixed ratio: nothing to run
+    rp = confirm.load(res / "confirm" / "tiny" / "replay.jsonl")  # the replay check ran once, and matched
+    assert len(rp) == 1 and rp[0]["replay"] == pytest.approx(rp[0]["recorded"], abs=confirm.REPLAY_TOL)
     path = confirm.confirm_path(res, "tiny", "duet_if", 0)
     lines = confirm.load(path)
     assert [r["j"] for r in lines] == [0, 1]
@@ -56,6 +58,13 @@ def test_confirm_reproduces_the_run_then_resamples_fresh_and_resumes(finished):
     uni = json.loads((res / "tiny" / "uniform" / "seed0.json").read_text())
     cu = confirm.confirmed_value(uni, None)
     assert cu["source"] == "history" and cu["mean"] == pytest.approx(np.mean([r["feedback"] for r in uni["history"]]))
+
+    # a run whose recorded feedback the code no longer reproduces is refused
+    (res / "confirm" / "tiny" / "replay.jsonl").unlink()
+    drifted = json.loads(json.dumps(run))
+    drifted["history"][best]["feedback"] += 0.5
+    with pytest.raises(SystemExit, match="changed since the run"):
+        confirm.replay_check(drifted, step, ratio, res, log=lambda s: None)
 
     # lines of another run (its config changed) are refused, not averaged in
     other = dict(run, config_hash="0" * 16)
