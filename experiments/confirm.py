@@ -79,7 +79,11 @@ def recommended_ratio(run: dict) -> dict:
 
     ok = [r for r in run["history"] if r.get("feedback") is not None]
     names = list(ok[0]["ratio"])
-    opt = SimplexBO(len(names), seed=run["seed"], config=BOConfig.from_dict(run["config"]["bo"]))
+    known = {f.name for f in dataclasses.fields(BOConfig)}
+    # the GP's fit options are what matter here; a field an old run has and BOConfig no longer
+    # knows (an exploration schedule since removed) has no say in the posterior mean
+    bo = {k: v for k, v in run["config"]["bo"].items() if k in known}
+    opt = SimplexBO(len(names), seed=run["seed"], config=BOConfig.from_dict(bo))
     opt.tell(np.asarray([[r["ratio"][n] for n in names] for r in ok]), [r["feedback"] for r in ok])
     x = opt.recommend()[0]
     i = int(np.argmin(np.max(np.abs(np.asarray([[r["ratio"][n] for n in names] for r in ok]) - x), axis=1)))

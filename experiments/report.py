@@ -389,6 +389,8 @@ def _confirmed(results: Path, runs: dict, which: str = "best") -> dict:
         for m, rs in ms.items():
             for d in rs:
                 lines = None
+                if which != "best" and "@" in m:
+                    continue  # ablations: only their best told ratio is re-evaluated
                 if m.split("@")[0] not in FIXED_RATIO:
                     lines = lines_for(results, d, which)
                 c = confirmed_value(d, lines)
@@ -435,16 +437,18 @@ def confirmed_section(results: Path) -> tuple[list[str], bool]:
             seeds = sorted(c[m])
             vals = [c[m][s]["mean"] for s in seeds]
             opt = [best[m][s] - c[m][s]["mean"] for s in seeds if s in best[m]]
-            per = ", ".join(f"{c[m][s]['mean']:.4f} ({c[m][s]['n']})" for s in seeds)
+            per = ", ".join(f"s{s} {c[m][s]['mean']:.4f} ({c[m][s]['n']})" for s in seeds)
             fixed = m.split("@")[0] in FIXED_RATIO
             rs_ = sorted(rc.get(m, {}))
-            rper = "same ratio" if fixed else ", ".join(f"{rc[m][s]['mean']:.4f} ({rc[m][s]['n']})" for s in rs_)
+            rper = "same ratio" if fixed else ", ".join(f"s{s} {rc[m][s]['mean']:.4f} ({rc[m][s]['n']})" for s in rs_)
             out.append(f"| {m} | {len(seeds)} | {_pm([best[m][s] for s in seeds if s in best[m]])} | {_pm(vals)} | "
                        f"{_pm(opt)} | {per} | {'–' if fixed else _pm([rc[m][s]['mean'] for s in rs_])} | "
                        f"{rper or '–'} |")
         out.append("")
         for name, vals_ in (("re-evaluated", c), ("GP-recommended, re-evaluated", rc)):
             for dm, bm in POOLED_PAIRS:
+                if name != "re-evaluated" and {dm, bm} <= set(FIXED_RATIO):
+                    continue  # both fixed ratios: the recommendation changes neither
                 if dm in vals_ and bm in vals_:
                     pv, d = _paired({s: v["mean"] for s, v in vals_[dm].items()},
                                     {s: v["mean"] for s, v in vals_[bm].items()})
