@@ -90,6 +90,16 @@ def recommended_ratio(run: dict) -> dict:
     return dict(ok[i]["ratio"])  # the told record's own ratio, bit for bit
 
 
+def same_ratio(a: dict, b: dict, tol: float = 1e-12) -> bool:
+    """Two ``{domain: share}`` ratios equal up to rounding (a summary's best ratio and its history
+    record can differ in the last bit)."""
+    return a.keys() == b.keys() and all(abs(a[k] - b[k]) <= tol for k in a)
+
+
+def is_best(run: dict, ratio: dict) -> bool:
+    return same_ratio(ratio, run["summary"]["best_ratio"])
+
+
 def target_ratio(run: dict, which: str) -> dict:
     if which == "best":
         return run["summary"]["best_ratio"]
@@ -220,7 +230,7 @@ def run_confirm(settings, methods, seeds, variant: str, *, resamples: int = N_RE
                     continue
                 run = json.loads(rp.read_text())
                 ratio = target_ratio(run, which)
-                if which != "best" and ratio == run["summary"]["best_ratio"]:
+                if which != "best" and is_best(run, ratio):
                     log(f"confirm: {setting_label(setting, variant)}/{method}/seed{seed}: the {which} ratio is "
                         "the best one: its re-samples are the best ratio's")
                     continue
@@ -265,8 +275,8 @@ def lines_for(results: Path, run: dict, which: str = "best") -> list[dict]:
     """The re-samples of ``run``'s ``which`` ratio that are on disk (the best ratio's where the
     recommendation is the best ratio), only those made for this run."""
     ratio = target_ratio(run, which)
-    if which != "best" and ratio == run["summary"]["best_ratio"]:
-        which = "best"
+    if which != "best" and is_best(run, ratio):
+        which, ratio = "best", run["summary"]["best_ratio"]
     lines = load(confirm_path(results, run["setting"], run["method"], run["seed"], run.get("variant", "demo"), which))
     return [r for r in lines if r.get("run_config_hash") == run["config_hash"] and r.get("ratio_recommended") == ratio]
 

@@ -77,10 +77,13 @@ def test_confirm_reproduces_the_run_then_resamples_fresh_and_resumes(finished):
     n = confirm.run_confirm(["tiny"], ["duet_if"], [0], "demo", resamples=2, results=res, scratch=scratch,
                             which="recommended", log=lambda s: None)
     rl = confirm.lines_for(res, run, "recommended")
-    if rec == run["summary"]["best_ratio"]:
+    if confirm.is_best(run, rec):
         assert n == 0 and rl == confirm.lines_for(res, run, "best")
     else:
         assert n == 2 and [r["ratio_recommended"] for r in rl] == [rec, rec]
+
+    assert confirm.same_ratio({"a": 0.3, "b": 0.7}, {"a": 0.3 + 1e-16, "b": 0.7})  # rounding only
+    assert not confirm.same_ratio({"a": 0.3, "b": 0.7}, {"a": 0.31, "b": 0.69})
 
     # the report's section 2b shows the run's best beside the re-evaluated mean
     from experiments import report
