@@ -236,19 +236,20 @@ def _by_seed(rs: list[dict]) -> dict[int, float]:
     return {d["seed"]: d["summary"]["best_feedback"] for d in rs if d["summary"].get("best_feedback") is not None}
 
 
-def _uniform_sd_by_seed(ms: dict) -> dict[int, tuple[float, int]]:
-    """Per uniform run (one per seed): the std (ddof 1) of its feedback, every evaluation being a
-    fresh re-sample of the uniform ratio, and the number of evaluations it is over."""
-    out = {}
-    for d in ms.get("uniform", []):
-        fb = [r["feedback"] for r in d["history"] if r["feedback"] is not None]
-        if len(fb) > 2:
-            out[d["seed"]] = (float(np.std(fb, ddof=1)), len(fb))
-    return out
+def _uniform_run_sd(d: dict) -> tuple[float, int] | None:
+    """A uniform run's std (ddof 1) of its feedback, every evaluation being a fresh re-sample of
+    the uniform ratio, and the number of evaluations it is over (None below 3)."""
+    fb = [r["feedback"] for r in d["history"] if r["feedback"] is not None]
+    return (float(np.std(fb, ddof=1)), len(fb)) if len(fb) > 2 else None
 
 
 def _uniform_run_sds(ms: dict) -> list[tuple[float, int]]:
-    return list(_uniform_sd_by_seed(ms).values())
+    """Per uniform run (one per seed): ``_uniform_run_sd``."""
+    return [v for d in ms.get("uniform", []) if (v := _uniform_run_sd(d)) is not None]
+
+
+def _uniform_sd_by_seed(ms: dict) -> dict[int, tuple[float, int]]:
+    return {d["seed"]: v for d in ms.get("uniform", []) if (v := _uniform_run_sd(d)) is not None}
 
 
 def resample_cross_check(neg_loss: dict | None, ms: dict) -> str | None:
