@@ -244,10 +244,9 @@ def run_confirm(settings, methods, seeds, variant: str, *, resamples: int = N_RE
                     return n_run
                 step, ratio_v = build_step(run, scratch, built, log, ratio)
                 if not built.get("replayed"):  # once per Setting built: its code path still the run's
-                    if which == "best":
-                        replay_check(run, step, ratio_v, results, log)
-                    else:
-                        replay_check(run, *build_step(run, scratch, built, log), results, log)
+                    best_v = ratio_v if which == "best" else np.asarray(
+                        [run["summary"]["best_ratio"][n] for n in step.setting.names], np.float64)
+                    replay_check(run, step, best_v, results, log)  # the replay is of the best evaluation
                     built["replayed"] = True
                 for j in todo:
                     if max_minutes is not None and time.time() - t0 > 60 * max_minutes:

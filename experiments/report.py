@@ -400,15 +400,21 @@ def _confirmed(results: Path, runs: dict, which: str = "best") -> dict:
     return out
 
 
-def confirmed_section(results: Path) -> tuple[list[str], bool]:
+def confirmed_values(results: Path, runs: dict) -> tuple[dict, dict]:
+    """``(best told ratio, GP recommendation)`` re-evaluated, each as :func:`_confirmed` gives it.
+    The recommendation fits one GP per run: compute this once per page."""
+    return _confirmed(results, runs), _confirmed(results, runs, "recommended")
+
+
+def confirmed_section(results: Path, runs: dict | None = None,
+                      confirmed: tuple[dict, dict] | None = None) -> tuple[list[str], bool]:
     """Section 2b: the best feedback against the re-evaluated value of the best told ratio and of
-    the GP's recommendation."""
+    the GP's recommendation (``runs`` / ``confirmed``: already computed, else read here)."""
     from experiments.confirm import FIXED_RATIO
     from experiments.confirm import N_RESAMPLES as N_CONFIRM
 
-    runs = _runs(results)
-    conf = _confirmed(results, runs)
-    rec = _confirmed(results, runs, "recommended")
+    runs = _runs(results) if runs is None else runs
+    conf, rec = confirmed_values(results, runs) if confirmed is None else confirmed
     out = ["## 2b. The recommended ratios, re-evaluated", "",
            "A run's *best* feedback is the largest of its noisy evaluations, so it is biased upward, by more "
            "for a method whose evaluations crowd near its incumbent (the maximum of many draws of nearly the "
@@ -500,14 +506,16 @@ def pooled(runs: dict, values: dict, a: str, b: str) -> dict | None:
             "settings": sorted(set(labels), key=labels.index)}
 
 
-def pooled_section(results: Path) -> list[str]:
+def pooled_section(results: Path, runs: dict | None = None,
+                   confirmed: tuple[dict, dict] | None = None) -> list[str]:
     """Section 2c: each comparison over all settings together (3 seeds per setting cannot resolve
     a difference of one noise std; 15 (setting, seed) pairs can)."""
-    runs = _runs(results)
+    runs = _runs(results) if runs is None else runs
+    confirmed = confirmed_values(results, runs) if confirmed is None else confirmed
     best = {label: {m: _by_seed(rs) for m, rs in ms.items()} for label, ms in runs.items()}
     flat = lambda c: {label: {m: {s: v["mean"] for s, v in d.items()} for m, d in ms.items()}  # noqa: E731
                       for label, ms in c.items()}
-    conf, rec = flat(_confirmed(results, runs)), flat(_confirmed(results, runs, "recommended"))
+    conf, rec = flat(confirmed[0]), flat(confirmed[1])
     out = ["## 2c. Pooled over settings", "",
            "With 3 seeds a setting's paired test needs a mean difference above 4.3 standard errors, so a "
            "difference of about one evaluation's noise is a tie there even when its sign never changes. "
@@ -645,10 +653,12 @@ def main(argv=None) -> int:
               "runner also scores each task alone (`neg_loss:<task>`, `acc:<task>`, and their `:mean`).", ""]
     lines += separation_section(results)
     lines += methods_section(results)
-    conf_lines, have_conf = confirmed_section(results)
+    runs = _runs(results)
+    confirmed = confirmed_values(results, runs)  # one GP fit per run, shared by sections 2b and 2c
+    conf_lines, have_conf = confirmed_section(results, runs, confirmed)
     if have_conf:
         lines += conf_lines
-    lines += pooled_section(results)
+    lines += pooled_section(results, runs, confirmed)
     abl, have_abl = ablations_section(results)
     if have_abl:
         lines += abl
