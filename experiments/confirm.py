@@ -19,11 +19,15 @@ report takes the mean of their history.
         --seeds 0,1,2 --max-minutes 40
     python -m experiments.confirm run --settings ood_medical --variant mid --methods duet_if
     python -m experiments.confirm status --settings in_domain
+    # runs driven by another feedback metric (the exact-match ablations), scored on neg_loss
+    python -m experiments.confirm run --settings in_domain --methods duet_if@em_greedy,duet_if@em_t0.75 \
+        --seeds 0 --metric neg_loss
 
 Raw results: ``experiments/results/confirm/<label>/<method>/seed<N>.jsonl``, one line per
 re-sample, appended (and fsynced) as each finishes; a rerun skips the re-samples there, so a killed
 or deadline-stopped invocation resumes. Lines made for another run (its config hash or best ratio
-changed) raise instead of being mixed in. Before the first re-sample of each (setting, seed) the
+changed, or their metric is another) raise instead of being mixed in; re-samples scored by
+``--metric`` other than the run's own go to ``seed<N>.<metric>.jsonl``. Before the first re-sample of each (setting, seed) the
 run's own best evaluation is replayed (same index, same keys) and must give the recorded feedback
 (``replay.jsonl``): a code or data change since the run stops the tool instead of comparing
 re-samples of a different program with the run's numbers. One model, pool and trunk cache per (setting, seed); the
@@ -66,8 +70,9 @@ WHICH = ("best", "recommended")
 
 
 def confirm_path(results: Path, setting: str, method: str, seed: int, variant: str = "demo",
-                 which: str = "best") -> Path:
-    tail = "" if which == "best" else f".{which}"
+                 which: str = "best", metric: str | None = None) -> Path:
+    """``metric``: re-scored with this feedback metric instead of the run's own (None: the run's)."""
+    tail = ("" if which == "best" else f".{which}") + ("" if metric is None else f".{metric}")
     return results / "confirm" / setting_label(setting, variant) / method / f"seed{seed}{tail}.jsonl"
 
 
@@ -108,15 +113,30 @@ def target_ratio(run: dict, which: str) -> dict:
     raise SystemExit(f"unknown --which {which!r}; one of {', '.join(WHICH)}")
 
 
-def check_lines(lines: list[dict], run: dict, path: Path, ratio: dict | None = None) -> list[dict]:
+def run_metric(run: dict) -> str:
+    """The feedback metric a run was driven by."""
+    return run["config"]["feedback"]["metric"]
+
+
+def rescored(run: dict, metric: str | None) -> str | None:
+    """``metric`` where it is not the run's own (then its re-samples are scored by it and kept
+    apart), else None."""
+    return None if metric is None or metric == run_metric(run) else metric
+
+
+def check_lines(lines: list[dict], run: dict, path: Path, ratio: dict | None = None,
+                metric: str | None = None) -> list[dict]:
     """The lines that belong to ``run`` (same config hash, same re-evaluated ratio: the best one
-    unless ``ratio`` says otherwise); anything else is an error: re-samples of two different runs
-    must never be averaged together."""
+    unless ``ratio`` says otherwise; same metric); anything else is an error: re-samples of two
+    different runs must never be averaged together."""
     ratio = run["summary"]["best_ratio"] if ratio is None else ratio
+    metric = metric or run_metric(run)
     for r in lines:
-        if r.get("run_config_hash") != run["config_hash"] or r.get("ratio_recommended") != ratio:
+        if (r.get("run_config_hash") != run["config_hash"] or r.get("ratio_recommended") != ratio
+                or r.get("metric", run_metric(run)) != metric):
             raise SystemExit(f"{path} holds re-samples of another run (config hash "
-                             f"{r.get('run_config_hash')} vs {run['config_hash']}); move it away")
+                             f"{r.get('run_config_hash')} vs {run['config_hash']}, metric "
+                             f"{r.get('metric', run_metric(run))} vs {metric}); move it away")
     return lines
 
 
@@ -137,14 +157,20 @@ def confirmed_value(run: dict, lines: list[dict] | None) -> dict | None:
 
 
 def _strip_method(d: dict) -> str:
-    return json.dumps({k: v for k, v in d.items() if k != "method"}, sort_keys=True)
+    """The part of a config dict that the Setting depends on: not the method, and of the feedback
+    only its example count (the metric is the feedback object's, built apart)."""
+    fb = {"examples": d.get("feedback", {}).get("examples")}
+    return json.dumps({k: (fb if k == "feedback" else v) for k, v in d.items() if k != "method"}, sort_keys=True)
 
 
-def build_step(run: dict, scratch: Path, built: dict, log=print, ratio: dict | None = None):
+def build_step(run: dict, scratch: Path, built: dict, log=print, ratio: dict | None = None,
+               metric: str | None = None):
     """``(step, ratio)``: the local step of ``run``'s own config (whatever warm start, rounds or
     preset it ran with, with its stores under ``scratch``) and the ratio to re-evaluate (its best
-    unless ``ratio`` says otherwise) in the Setting's domain order. ``built`` caches the Setting per config-without-its-method, so the
-    methods of one (setting, seed) share one model, pool and trunk pass."""
+    unless ``ratio`` says otherwise) in the Setting's domain order; ``metric``: scored by this
+    feedback metric (greedy) instead of the run's own. ``built`` caches the Setting per
+    config-without-its-method-and-metric and the feedback per feedback config, so the methods of
+    one (setting, seed) share one model, pool and trunk pass."""
     from duet_jax.config import config_hash, from_dict, to_dict
     from duet_jax.loop.feedback import make_feedback
     from duet_jax.loop.local_step import LocalStep
@@ -163,10 +189,14 @@ def build_step(run: dict, scratch: Path, built: dict, log=print, ratio: dict | N
         built.clear()  # one model in memory at a time
         plan = plan_data(cfg, log)
         st = Setting.build(cfg, plan, scratch / "confirm" / variant / setting / f"seed{seed}", log=log)
-        fb = make_feedback(cfg)
-        fb.prepare(st)
-        built[key] = (st, fb)
-    st, fb = built[key]
+        built[key] = (st, {})
+    st, fbs = built[key]
+    fcfg = cfg.feedback if metric is None else dataclasses.replace(cfg.feedback, metric=metric, temperature=0.0)
+    fkey = json.dumps(dataclasses.asdict(fcfg), sort_keys=True, default=str)
+    if fkey not in fbs:
+        fbs[fkey] = make_feedback(dataclasses.replace(cfg, feedback=fcfg))
+        fbs[fkey].prepare(st)
+    fb = fbs[fkey]
     weights, _ = selector_weights(cfg.selector.kind or METHODS[cfg.method].selector, st, cfg.selector)
     step = LocalStep(st, weights, fb, divergence_check=cfg.divergence_check)
     ratio = run["summary"]["best_ratio"] if ratio is None else ratio
@@ -207,10 +237,12 @@ def replay_check(run: dict, step, ratio_v, results: Path, log=print) -> dict:
 
 def run_confirm(settings, methods, seeds, variant: str, *, resamples: int = N_RESAMPLES,
                 results: Path = RESULTS, scratch: Path | None = None, max_minutes: float | None = None,
-                which: str = "best", log=print) -> int:
+                which: str = "best", metric: str | None = None, log=print) -> int:
     """Re-evaluate what is missing; the number of re-samples run now. ``which="recommended"``
     re-evaluates the GP's recommendation, and nothing where it is the best ratio (those lines are
-    the best ratio's)."""
+    the best ratio's). ``metric``: score the re-samples of a run driven by another metric with
+    this one (greedy), e.g. the exact-match ablations on the plain runs' ``neg_loss``; a run
+    driven by ``metric`` itself is re-evaluated as usual."""
     from duet_jax.run import _enable_compilation_cache
 
     _enable_compilation_cache()
@@ -219,7 +251,7 @@ def run_confirm(settings, methods, seeds, variant: str, *, resamples: int = N_RE
     n_run = 0
     for seed in seeds:
         for setting in settings:
-            built: dict = {}  # config without its method -> (Setting, feedback): one per seed
+            built: dict = {}  # config without its method -> (Setting, feedbacks): one per seed
             for method in methods:
                 if method.split("@")[0] in FIXED_RATIO:
                     log(f"confirm: {method} has a fixed ratio: its history is the re-evaluation")
@@ -234,19 +266,20 @@ def run_confirm(settings, methods, seeds, variant: str, *, resamples: int = N_RE
                     log(f"confirm: {setting_label(setting, variant)}/{method}/seed{seed}: the {which} ratio is "
                         "the best one: its re-samples are the best ratio's")
                     continue
-                path = confirm_path(results, setting, method, seed, variant, which)
-                done = {r["j"] for r in check_lines(load(path), run, path, ratio)}
+                m = rescored(run, metric)
+                path = confirm_path(results, setting, method, seed, variant, which, m)
+                done = {r["j"] for r in check_lines(load(path), run, path, ratio, m)}
                 todo = [j for j in range(resamples) if j not in done]
                 if not todo:
                     continue
                 if max_minutes is not None and time.time() - t0 > 60 * max_minutes:
                     log(f"confirm: --max-minutes {max_minutes} reached; stopping (rerun to continue)")
                     return n_run
-                step, ratio_v = build_step(run, scratch, built, log, ratio)
+                step, ratio_v = build_step(run, scratch, built, log, ratio, m)
                 if not built.get("replayed"):  # once per Setting built: its code path still the run's
-                    best_v = ratio_v if which == "best" else np.asarray(
-                        [run["summary"]["best_ratio"][n] for n in step.setting.names], np.float64)
-                    replay_check(run, step, best_v, results, log)  # the replay is of the best evaluation
+                    own = step if m is None else build_step(run, scratch, built, log)[0]  # the run's metric
+                    best_v = np.asarray([run["summary"]["best_ratio"][n] for n in step.setting.names], np.float64)
+                    replay_check(run, own, best_v, results, log)  # the replay is of the best evaluation
                     built["replayed"] = True
                 for j in todo:
                     if max_minutes is not None and time.time() - t0 > 60 * max_minutes:
@@ -257,7 +290,7 @@ def run_confirm(settings, methods, seeds, variant: str, *, resamples: int = N_RE
                     rec = {"j": j, "eval_index": CONFIRM_OFFSET + j, "seed": ev.record["seed"],
                            "feedback": ev.feedback, "feedbacks": ev.record["feedbacks"],
                            "errors": ev.record["errors"], "ratio": ev.record["ratio"],
-                           "ratio_recommended": ratio, "which": which,
+                           "ratio_recommended": ratio, "which": which, "metric": m or run_metric(run),
                            "best_feedback": run["summary"]["best_feedback"],
                            "run_config_hash": run["config_hash"], "time_s": round(time.time() - t, 2),
                            "loadavg": os.getloadavg()}
@@ -270,18 +303,22 @@ def run_confirm(settings, methods, seeds, variant: str, *, resamples: int = N_RE
     return n_run
 
 
-def lines_for(results: Path, run: dict, which: str = "best") -> list[dict]:
+def lines_for(results: Path, run: dict, which: str = "best", metric: str | None = None) -> list[dict]:
     """The re-samples of ``run``'s ``which`` ratio that are on disk (the best ratio's where the
-    recommendation is the best ratio), only those made for this run."""
+    recommendation is the best ratio), only those made for this run, scored by ``metric`` (None:
+    the run's own)."""
     ratio = target_ratio(run, which)
     if which != "best" and is_best(run, ratio):
         which, ratio = "best", run["summary"]["best_ratio"]
-    lines = load(confirm_path(results, run["setting"], run["method"], run["seed"], run.get("variant", "demo"), which))
-    return [r for r in lines if r.get("run_config_hash") == run["config_hash"] and r.get("ratio_recommended") == ratio]
+    m = rescored(run, metric)
+    lines = load(confirm_path(results, run["setting"], run["method"], run["seed"], run.get("variant", "demo"), which, m))
+    want = m or run_metric(run)
+    return [r for r in lines if r.get("run_config_hash") == run["config_hash"] and r.get("ratio_recommended") == ratio
+            and r.get("metric", run_metric(run)) == want]
 
 
 def status(settings, methods, seeds, variant: str, *, resamples: int = N_RESAMPLES,
-           results: Path = RESULTS, which: str = "best", log=print) -> int:
+           results: Path = RESULTS, which: str = "best", metric: str | None = None, log=print) -> int:
     left = 0
     for seed in seeds:
         for setting in settings:
@@ -296,12 +333,13 @@ def status(settings, methods, seeds, variant: str, *, resamples: int = N_RESAMPL
                     c = confirmed_value(run, None)
                     log(f"{label}  fixed ratio: mean of its {c['n']} evaluations {c['mean']:.4f}")
                     continue
-                lines = lines_for(results, run, which)
+                lines = lines_for(results, run, which, metric)
                 c = confirmed_value(run, lines)
                 n = 0 if c is None else c["n"]
                 left += max(resamples - len({r['j'] for r in lines}), 0)
                 v = "" if c is None else f": mean {c['mean']:.4f} (best {run['summary']['best_feedback']:.4f})"
-                log(f"{label}  {n}/{resamples} re-samples{v}")
+                m = rescored(run, metric)
+                log(f"{label}  {n}/{resamples} re-samples{v}{'' if m is None else f' (scored by {m})'}")
     log(f"{left} re-sample(s) left")
     return left
 
@@ -323,16 +361,19 @@ def main(argv=None) -> int:
         sp.add_argument("--results", default=str(RESULTS))
         sp.add_argument("--which", default="best", choices=WHICH,
                         help="the run's best ratio, or the GP's recommendation (SimplexBO.recommend)")
+        sp.add_argument("--metric", default=None,
+                        help="score the re-samples with this feedback metric (greedy) where a run was driven "
+                             "by another one (the exact-match ablations on neg_loss); default: the run's own")
         if name == "run":
             sp.add_argument("--scratch", default=None)
             sp.add_argument("--max-minutes", type=float, default=None)
     a = p.parse_args(argv)
     if a.cmd == "status":
         status(a.settings, a.methods, a.seeds, a.variant, resamples=a.resamples, results=Path(a.results),
-               which=a.which)
+               which=a.which, metric=a.metric)
         return 0
     run_confirm(a.settings, a.methods, a.seeds, a.variant, resamples=a.resamples, results=Path(a.results),
-                scratch=scratch_dir(a.scratch), max_minutes=a.max_minutes, which=a.which,
+                scratch=scratch_dir(a.scratch), max_minutes=a.max_minutes, which=a.which, metric=a.metric,
                 log=lambda s: print(s, flush=True))
     return 0
 

@@ -82,6 +82,20 @@ def test_confirm_reproduces_the_run_then_resamples_fresh_and_resumes(finished):
     else:
         assert n == 2 and [r["ratio_recommended"] for r in rl] == [rec, rec]
 
+    # re-scored by another metric: kept apart from the run's own re-samples, same ratio and keys
+    assert confirm.run_metric(run) == "neg_loss"
+    n = confirm.run_confirm(["tiny"], ["duet_if"], [0], "demo", resamples=2, results=res, scratch=scratch,
+                            metric="acc", log=lambda s: None)
+    al = confirm.lines_for(res, run, "best", "acc")
+    assert n == 2 and [r["metric"] for r in al] == ["acc", "acc"]
+    assert all(0.0 <= r["feedback"] <= 1.0 for r in al)  # an accuracy, not a loss
+    own = confirm.lines_for(res, run, "best")
+    assert [r["seed"] for r in al] == [r["seed"] for r in own]  # the same fresh keys as the own re-samples
+    assert confirm.lines_for(res, run, "best", "neg_loss") == own  # the run's own metric is no re-scoring
+    apath = confirm.confirm_path(res, "tiny", "duet_if", 0, "demo", "best", "acc")
+    with pytest.raises(SystemExit, match="metric"):
+        confirm.check_lines(confirm.load(apath), run, apath, None, None)  # acc lines are not neg_loss ones
+
     assert confirm.same_ratio({"a": 0.3, "b": 0.7}, {"a": 0.3 + 1e-16, "b": 0.7})  # rounding only
     assert not confirm.same_ratio({"a": 0.3, "b": 0.7}, {"a": 0.31, "b": 0.69})
 
