@@ -555,32 +555,63 @@ def pooled_section(results: Path, runs: dict | None = None,
     return out
 
 
-def ablations_section(results: Path) -> tuple[list[str], bool]:
-    """Runs keyed ``METHOD@ABLATION`` against their plain METHOD, seed by seed."""
+def _reevaluated_on(results: Path, d: dict, metric: str) -> float | None:
+    """The mean of the re-samples of run ``d``'s best told ratio scored by ``metric`` (its own
+    metric's lines, or the ``--metric`` re-scoring of experiments/confirm.py), None if none."""
+    from experiments.confirm import confirmed_value, lines_for
+
+    c = confirmed_value(d, lines_for(results, d, "best", metric))
+    return None if c is None else c["mean"]
+
+
+def _metric_of(d: dict) -> str:
+    fb = d["config"]["feedback"]
+    t = fb.get("temperature") or 0.0
+    return fb["metric"] + (f" (T {t:g})" if t > 0 else "")
+
+
+def ablations_section(results: Path, runs: dict | None = None) -> tuple[list[str], bool]:
+    """Runs keyed ``METHOD@ABLATION`` against their plain METHOD, seed by seed: on the best feedback
+    where both are driven by the same metric, and always on the re-evaluated best told ratio scored
+    by the plain run's metric (so a run driven by exact match is compared on neg_loss)."""
     from experiments.settings import ABLATIONS
 
-    runs = _runs(results)
+    runs = _runs(results) if runs is None else runs
     out = ["## 3. Ablations", "",
            "A run `METHOD@NAME` is METHOD with the overrides `ABLATIONS[NAME]` of `experiments/settings.py` on "
            "top of the same setting and variant (same feedback budget unless the ablation changes it). *vs "
-           "plain*: the paired per-seed difference of the best feedback against the plain METHOD's run of the "
-           "same seed (rule as in section 2).", ""]
+           "plain*: the paired per-seed difference against the plain METHOD's run of the same seed (rule as in "
+           "section 2), on the best feedback (only where both runs are driven by the same metric: a best exact "
+           "match and a best neg_loss are not comparable) and on the *re-evaluated* best told ratio (section 2b: "
+           "4 fresh re-samples, scored by the plain run's metric; `python -m experiments.confirm run --methods "
+           "METHOD@NAME [--metric neg_loss]`), which also removes the selection bias of the best.", ""]
     any_data = False
     for _, _, st in _labels(runs):
         keys = sorted(k for k in runs.get(st, {}) if "@" in k)
         if not keys:
             continue
         any_data = True
-        out += [f"### {st}", "", "| run | overrides | seeds | best neg_loss | vs plain (paired) |",
-                "| --- | --- | --- | --- | --- |"]
+        out += [f"### {st}", "", "| run | overrides | driven by | seeds | best | vs plain (paired, best) | "
+                "re-evaluated | vs plain (paired, re-evaluated) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for key in keys:
             base, abl = key.split("@", 1)
-            a, b = _by_seed(runs[st][key]), _by_seed(runs[st].get(base, []))
-            v, d = _paired(a, b)
-            vs = "no plain run" if not b else (
-                f"{v or 'too few seeds'}: " + ", ".join(f"{x:+.4f}" for x in d) if d else "no common seed")
-            out.append(f"| {key} | `{json.dumps(ABLATIONS.get(abl, {}))}` | {len(a)} | {_pm(list(a.values()))} "
-                       f"| {vs} |")
+            mine, plain = runs[st][key], runs[st].get(base, [])
+            metric = plain[0]["config"]["feedback"]["metric"] if plain else mine[0]["config"]["feedback"]["metric"]
+            same = {d["config"]["feedback"]["metric"] for d in mine} == {metric}
+            a, b = _by_seed(mine), _by_seed(plain)
+
+            def vs(x, y):
+                v, diffs = _paired(x, y)
+                if not y:
+                    return "no plain run"
+                return (f"{v or 'too few seeds'}: " + ", ".join(f"{q:+.4f}" for q in diffs)) if diffs else "no common seed"
+
+            ra = {d["seed"]: v for d in mine if (v := _reevaluated_on(results, d, metric)) is not None}
+            rb = {d["seed"]: v for d in plain if (v := _reevaluated_on(results, d, metric)) is not None}
+            out.append(f"| {key} | `{json.dumps(ABLATIONS.get(abl, {}))}` | {_metric_of(mine[0])} | {len(a)} | "
+                       f"{_pm(list(a.values()))} | {vs(a, b) if same else 'other metric'} | "
+                       f"{_pm(list(ra.values())) + ' (' + metric + ')' if ra else '–'} | "
+                       f"{vs(ra, rb) if ra else 'not re-evaluated'} |")
         out.append("")
     return out, any_data
 
@@ -659,7 +690,7 @@ def main(argv=None) -> int:
     if have_conf:
         lines += conf_lines
     lines += pooled_section(results, runs, confirmed)
-    abl, have_abl = ablations_section(results)
+    abl, have_abl = ablations_section(results, runs)
     if have_abl:
         lines += abl
     known, have_known = known_optimum_section(results)
