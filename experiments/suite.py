@@ -279,8 +279,9 @@ def cmd_run(a) -> int:
             print(f"suite: --max-minutes {a.max_minutes} reached; stopping (rerun to continue)", flush=True)
             write_summary(results)
             return 0
-        _restore_partial(run_dir(scratch, a.variant, setting, method, seed), results, a.variant, setting,
-                         method, seed)
+        rdir = run_dir(scratch, a.variant, setting, method, seed)
+        _set_aside_stale(rdir, cfg)
+        _restore_partial(rdir, results, a.variant, setting, method, seed, cfg)
         log = logs / f"{a.variant}_{setting}_{method}_seed{seed}.log"
         print(f"suite: {setting} / {method} / seed {seed} ({a.variant}) -> {log}  "
               f"[load {os.getloadavg()[0]:.1f}]", flush=True)
@@ -348,12 +349,40 @@ def _drop_partial(results: Path, variant, setting, method, seed) -> None:
             parent.rmdir()
 
 
-def _restore_partial(rdir: Path, results: Path, variant, setting, method, seed) -> None:
+def config_diff(saved: dict, cfg) -> list[str]:
+    """The top-level config fields where a saved run's ``config.json`` and ``cfg`` differ (not
+    where things are written): a run is resumed only where this is empty."""
+    from duet_jax.config import LOCATION_FIELDS, to_dict
+
+    new = json.loads(json.dumps(to_dict(cfg)))
+    return sorted(k for k in set(saved) | set(new) if k not in LOCATION_FIELDS and saved.get(k) != new.get(k))
+
+
+def _set_aside_stale(rdir: Path, cfg) -> None:
+    """A scratch run dir made with another config (the code's defaults changed since) would be
+    refused by the loop: it is renamed ``<dir>.stale-<time>`` (kept, not deleted) and the run
+    starts over."""
+    cp = rdir / "config.json"
+    if cp.exists() and (diff := config_diff(json.loads(cp.read_text()), cfg)):
+        dst = rdir.with_name(f"{rdir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+        rdir.rename(dst)
+        print(f"suite: {rdir} holds a run with another configuration (differs in {diff}): moved to {dst}; "
+              "this run starts over", flush=True)
+
+
+def _restore_partial(rdir: Path, results: Path, variant, setting, method, seed, cfg=None) -> None:
     """Put a saved partial run back into an empty run dir (its best adapter is re-made by the loop's
-    repair step: the best evaluation is re-run from its recorded seed)."""
+    repair step: the best evaluation is re-run from its recorded seed), unless it was made with
+    another config than ``cfg`` (then it is not resumed: the run starts over, and its own partial
+    or result replaces the stale one)."""
     import shutil
 
     src = _partial_dir(results, variant, setting, method, seed)
+    if cfg is not None and (src / "config.json").exists() and not (rdir / "history.jsonl").exists():
+        if diff := config_diff(json.loads((src / "config.json").read_text()), cfg):
+            print(f"suite: the saved partial run {src} was made with another configuration (differs in {diff}): "
+                  "not resumed; this run starts over", flush=True)
+            return
     if (src / "history.jsonl").exists() and not (rdir / "history.jsonl").exists():
         rdir.mkdir(parents=True, exist_ok=True)
         for f in ("config.json", "history.jsonl"):

@@ -60,6 +60,23 @@ def test_suite_runs_skips_resumes_and_summarises(tmp_path, tiny, monkeypatch):
     assert suite.main(_args(tmp_path)) == 0
     assert ran == []
 
+    # a partial (and a scratch run dir) made before the code's defaults changed: not resumed (the
+    # loop would refuse the mixed config), set aside, and the run starts over and finishes
+    (res / "tiny" / "random_search" / "seed0.json").unlink()
+    cfg = json.loads((rdir / "config.json").read_text())
+    cfg["bo"]["beta"] = cfg["bo"]["beta"] + 1.0  # "an older default"
+    (rdir / "config.json").write_text(json.dumps(cfg))
+    (rdir / "history.jsonl").write_text(first + "\n")
+    suite._save_partial(rdir, res, "demo", "tiny", "random_search", 0)
+    ran.clear()
+    assert suite.main(_args(tmp_path)) == 0
+    assert ran == ["random_search"]
+    stale = [p for p in rdir.parent.iterdir() if p.name.startswith("seed0.stale-")]
+    assert len(stale) == 1 and json.loads((stale[0] / "config.json").read_text())["bo"]["beta"] == cfg["bo"]["beta"]
+    d2 = json.loads((res / "tiny" / "random_search" / "seed0.json").read_text())
+    assert len(d2["history"]) == 2 and d2["config_hash"] == d["config_hash"]  # the current config, run whole
+    assert not (res / "partial" / "demo").exists()
+
 
 def test_best_so_far():
     h = [{"feedback": -2.0}, {"feedback": None}, {"feedback": -3.0}, {"feedback": -1.0}]
