@@ -141,3 +141,33 @@ def test_pooled_standardizes_by_each_seeds_noise_and_counts_each_setting_once(mo
     values["a"]["x"][0] = 0.0  # an exact tie counts for neither side
     r = report.pooled(runs, values, "x", "uniform")
     assert r["level"] == 1 and r["ahead"] == 2 and r["sign_p"] == pytest.approx(binomtest(2, 5).pvalue)
+
+
+def test_an_ablation_driven_by_another_metric_is_compared_on_the_plain_runs_metric(tmp_path):
+    from experiments import report
+
+    res = tmp_path / "r"
+    ratio = {"a": 0.25, "b": 0.75}
+
+    def write(method, seed, metric, best, rescored):
+        d = {"setting": "in_domain", "variant": "demo", "method": method, "seed": seed, "config_hash": f"h{seed}",
+             "config": {"feedback": {"metric": metric, "temperature": 0.0}},
+             "summary": {"best_feedback": best, "best_ratio": ratio},
+             "history": [{"feedback": best, "ratio": ratio}]}
+        (res / "in_domain" / method).mkdir(parents=True, exist_ok=True)
+        (res / "in_domain" / method / f"seed{seed}.json").write_text(json.dumps(d))
+        m = None if metric == "neg_loss" else "neg_loss"
+        path = confirm.confirm_path(res, "in_domain", method, seed, "demo", "best", m)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"j": j, "feedback": v, "ratio_recommended": ratio, "metric": "neg_loss",
+                                            "run_config_hash": f"h{seed}"}) + "\n" for j, v in enumerate(rescored)))
+
+    for seed in (0, 1):
+        write("duet_if", seed, "neg_loss", -3.0 - seed, [-3.2 - seed, -3.4 - seed])
+        write("duet_if@em_greedy", seed, "exact_match", 0.5, [-3.1 - seed, -3.3 - seed])
+    lines, have = report.ablations_section(res)
+    row = next(x for x in lines if x.startswith("| duet_if@em_greedy |"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert have and cells[2] == "exact_match" and cells[5] == "other metric"  # a best EM is no neg_loss
+    assert cells[6].startswith("-3.7000") and "(neg_loss)" in cells[6]  # mean over seeds of the re-scored means
+    assert "+0.1000, +0.1000" in cells[7]  # paired on neg_loss against the plain run's re-samples
