@@ -128,6 +128,45 @@ def plan_data(config, log: Callable[[str], None] = print) -> DataPlan:
     return plan
 
 
+#: bumped when what the influence scores depend on changes in a way the fingerprint cannot see
+SCORES_CACHE_VERSION = 1
+
+
+def _save_scores(root: Path, res, fingerprint: str | None) -> None:
+    """``scores.npy``, ``valid.npy``, ``summary.json``, then ``scores_key.json`` last (its
+    fingerprint is what lets a later run reuse the scores, so it is removed first and written
+    only once the arrays are on disk: a kill in between leaves no reusable half)."""
+    from duet_jax.report import write_json
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "scores_key.json").unlink(missing_ok=True)
+    np.save(root / "scores.npy", res.scores)
+    np.save(root / "valid.npy", res.valid)
+    write_json(root / "summary.json", res.per_domain)
+    if fingerprint is not None:
+        write_json(root / "scores_key.json", {"fingerprint": fingerprint, "rows": int(len(res.scores))})
+
+
+def _load_scores(root: Path, fingerprint: str | None, rows: int):
+    """The saved scores when they were computed from the same inputs, else None."""
+    from duet_jax.influence.domains import DomainScores
+
+    key = root / "scores_key.json"
+    if fingerprint is None or not key.exists():
+        return None
+    try:
+        saved = json.loads(key.read_text())
+        if saved.get("fingerprint") != fingerprint or saved.get("rows") != rows:
+            return None
+        scores, valid = np.load(root / "scores.npy"), np.load(root / "valid.npy")
+        per = json.loads((root / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None  # unreadable: recomputed (the feature stores still spare most of the work)
+    if scores.shape != (rows,) or valid.shape != (rows,):
+        return None
+    return DomainScores(scores.astype(np.float32), valid.astype(bool), per)
+
+
 @dataclasses.dataclass
 class Setting:
     """The prepared run: shared by the selector, the proposer, the local step and the feedback."""
@@ -310,7 +349,6 @@ class Setting:
         if query in self._cache:
             return self._cache[query]
         from duet_jax.influence.domains import domain_influence
-        from duet_jax.report import write_json
 
         cfg = self.config
         vpool, vdom = self.validation_pool()
@@ -325,22 +363,51 @@ class Setting:
             qpool, _ = self.encode_pool(self.plan.target_query)
             root = root / "less"
         t = time.time()
+        what = "oracle: target query" if query == "target" else "domain validation"
+        base_model_id = f"{cfg.model}|{cfg.seed}|{json.dumps(dataclasses.asdict(cfg.lora), sort_keys=True)}"
+        fp = self._influence_fingerprint(base_model_id, vpool, vdom, qpool)
+        if (res := _load_scores(root, fp, len(self.domain_of))) is not None:
+            self.log(f"influence scores ({what}) for {len(self.names)} domains: reused from {root} (same "
+                     f"inputs, {time.time() - t:.1f} s)")
+            self._cache[query] = res
+            return res
         res = domain_influence(
             graphdef=self.graphdef, lora0=self.lora0, frozen=self.frozen, start=self.start,
             pool=self.pool, domain_of=self.domain_of, val_pool=vpool, val_domain_of=vdom,
             names=self.names, example_ids=[e.id for e in self.pool_examples],
-            base_model_id=f"{cfg.model}|{cfg.seed}|{json.dumps(dataclasses.asdict(cfg.lora), sort_keys=True)}",
+            base_model_id=base_model_id,
             train_config=cfg.train, config=cfg.influence, query_pool=qpool,
             buckets=self.encode.bucket_lengths, store_root=root,
             key=jax.random.fold_in(jax.random.key(cfg.seed), 10**6),
             progress=self.progress)
-        root.mkdir(parents=True, exist_ok=True)
-        np.save(root / "scores.npy", res.scores)
-        write_json(root / "summary.json", res.per_domain)
-        self.log(f"influence scores ({'oracle: target query' if query == 'target' else 'domain validation'}) "
-                 f"for {len(self.names)} domains in {time.time() - t:.1f} s")
+        _save_scores(root, res, fp)
+        self.log(f"influence scores ({what}) for {len(self.names)} domains in {time.time() - t:.1f} s")
         self._cache[query] = res
         return res
+
+    def _influence_fingerprint(self, base_model_id: str, vpool, vdom, qpool) -> str | None:
+        """A hash of everything the influence scores are computed from (weights, pools without
+        their trunk states, which follow from the weights and tokens, domains, example ids, configs,
+        key): equal fingerprints give equal scores, so a later run of the same setting and seed
+        (another method, a resumed or re-evaluated run) reads them instead of re-training the
+        proxies. None (no reuse) with several processes, whose arrays are not all addressable."""
+        if jax.process_count() > 1:
+            return None
+        from duet_jax.influence.domains import FEATURE_LAYOUT
+        from duet_jax.influence.store import params_fingerprint
+
+        cfg = self.config
+        strip = lambda p: None if p is None else dataclasses.replace(p, hidden=None)  # noqa: E731
+        parts = {
+            "version": SCORES_CACHE_VERSION, "layout": FEATURE_LAYOUT, "base_model_id": base_model_id,
+            "train": dataclasses.asdict(cfg.train), "influence": dataclasses.asdict(cfg.influence),
+            "seed": cfg.seed, "start": self.start, "names": list(self.names),
+            "example_ids": [e.id for e in self.pool_examples], "buckets": list(self.encode.bucket_lengths),
+            "weights": params_fingerprint((self.lora0, self.frozen)),
+            "pools": params_fingerprint((strip(self.pool), np.asarray(self.domain_of), strip(vpool),
+                                         np.asarray(vdom), strip(qpool))),
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
     def domain_of_device(self):
         return jnp.asarray(self.domain_of)

@@ -193,3 +193,40 @@ def test_trunk_dir_shares_the_frozen_trunk_between_runs(tmp_path, monkeypatch):
     key = a._trunk_key(a.pool)
     other = dataclasses.replace(a, frozen=jax.tree.map(lambda x: x * 1.5, a.frozen), _cache={})
     assert other._trunk_key(a.pool) != key and a._trunk_key(a.pool) == key
+
+
+def test_influence_scores_are_reused_only_for_the_same_inputs(tmp_path, monkeypatch):
+    import dataclasses
+
+    from duet_jax.influence import domains
+    from duet_jax.loop import setting as setting_mod
+
+    cfg = preset("smoke", method="duet_if", influence_dir=str(tmp_path / "inf"))
+    plan = plan_data(cfg, log=lambda s: None)
+    calls = []
+    real = domains.domain_influence
+    monkeypatch.setattr(domains, "domain_influence", lambda *a, **k: calls.append(1) or real(*a, **k))
+    a = Setting.build(cfg, plan, tmp_path / "a", log=lambda s: None)
+    ra = a.influence()
+    assert len(calls) == 1 and (tmp_path / "inf" / "scores_key.json").exists()
+    lines = []
+    b = Setting.build(cfg, plan, tmp_path / "b", log=lines.append)  # another method's run, same seed
+    rb = b.influence()
+    assert len(calls) == 1 and any("reused" in s for s in lines)
+    np.testing.assert_array_equal(rb.scores, ra.scores)
+    np.testing.assert_array_equal(rb.valid, ra.valid)
+    assert rb.per_domain == ra.per_domain
+    # another influence config, or other weights at the same path: computed again, never reused
+    c_cfg = dataclasses.replace(cfg, influence=dataclasses.replace(cfg.influence, proxy_examples=cfg.influence.proxy_examples + 1))
+    c = Setting.build(c_cfg, plan, tmp_path / "c", log=lambda s: None)
+    fp = b._influence_fingerprint("m", *b.validation_pool(), None)
+    assert fp == a._influence_fingerprint("m", *a.validation_pool(), None)
+    assert c._influence_fingerprint("m", *c.validation_pool(), None) != fp
+    other = dataclasses.replace(b, frozen=jax.tree.map(lambda x: x * 1.5, b.frozen), _cache={})
+    assert other._influence_fingerprint("m", *b.validation_pool(), None) != fp
+    # a kill between the arrays and the key leaves nothing to reuse: computed again
+    (tmp_path / "inf" / "scores_key.json").unlink()
+    rd = Setting.build(cfg, plan, tmp_path / "d", log=lambda s: None).influence()
+    assert len(calls) == 2
+    np.testing.assert_array_equal(rd.scores, ra.scores)  # (from the feature stores: the same scores)
+    assert setting_mod._load_scores(tmp_path / "inf", "not-this-one", len(ra.scores)) is None
