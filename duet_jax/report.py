@@ -8,7 +8,8 @@
       summary.json         best_ratio (domain -> share, sums to 1), best_feedback, uniform_feedback,
                            n_evaluations, wall_seconds, ...
       best_adapter/        the best adapter so far: orbax checkpoint (state/) and PEFT (peft/)
-      influence/           resumable per-domain feature stores, scores.npy, summary.json
+      influence/           resumable per-domain feature stores, scores.npy, valid.npy, summary.json,
+                           scores_key.json (the fingerprint of their inputs: reused when it matches)
       best_so_far.png      best feedback against evaluations
       ratios.png           the ratio evaluated at each evaluation (stacked shares)
       .lock                held (flock) by the running process, which wrote its pid in it
