@@ -381,14 +381,28 @@ def from_dict(values: dict) -> RunConfig:
 LOCATION_FIELDS = ("out_dir", "influence_dir", "trunk_dir")
 
 
-def config_hash(config: RunConfig | dict) -> str:
-    """A hash of everything that decides a run's results (not where it is written)."""
+def _decisive(config: RunConfig | dict) -> dict:
+    """The config as a plain dict of what decides a run's results: not where it is written, and
+    without the options added later that hold the value at which they behave as before."""
     d = to_dict(config) if isinstance(config, RunConfig) else json.loads(json.dumps(config))
     for k in LOCATION_FIELDS:
         d.pop(k, None)
     if isinstance(d.get("bo"), dict):  # options added later, at their old behaviour: not hashed
         d["bo"] = without_neutral(d["bo"])
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    return d
+
+
+def config_hash(config: RunConfig | dict) -> str:
+    """A hash of everything that decides a run's results (not where it is written)."""
+    return hashlib.sha256(json.dumps(_decisive(config), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_diff(old: RunConfig | dict, new: RunConfig | dict) -> list[str]:
+    """The top-level sections where two configs differ in what decides the results (empty exactly
+    when their :func:`config_hash` agree): an older run's ``config.json`` that lacks an option
+    added since, at its neutral value, is the same run."""
+    a, b = _decisive(old), _decisive(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
 def load_config(path: str | Path, base: dict | None = None) -> dict:

@@ -349,19 +349,12 @@ def _drop_partial(results: Path, variant, setting, method, seed) -> None:
             parent.rmdir()
 
 
-def config_diff(saved: dict, cfg) -> list[str]:
-    """The top-level config fields where a saved run's ``config.json`` and ``cfg`` differ (not
-    where things are written): a run is resumed only where this is empty."""
-    from duet_jax.config import LOCATION_FIELDS, to_dict
-
-    new = json.loads(json.dumps(to_dict(cfg)))
-    return sorted(k for k in set(saved) | set(new) if k not in LOCATION_FIELDS and saved.get(k) != new.get(k))
-
-
 def _set_aside_stale(rdir: Path, cfg) -> None:
     """A scratch run dir made with another config (the code's defaults changed since) would be
     refused by the loop: it is renamed ``<dir>.stale-<time>`` (kept, not deleted) and the run
     starts over."""
+    from duet_jax.config import config_diff
+
     cp = rdir / "config.json"
     if cp.exists() and (diff := config_diff(json.loads(cp.read_text()), cfg)):
         dst = rdir.with_name(f"{rdir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -376,6 +369,8 @@ def _restore_partial(rdir: Path, results: Path, variant, setting, method, seed, 
     another config than ``cfg`` (then it is not resumed: the run starts over, and its own partial
     or result replaces the stale one)."""
     import shutil
+
+    from duet_jax.config import config_diff
 
     src = _partial_dir(results, variant, setting, method, seed)
     if cfg is not None and (src / "config.json").exists() and not (rdir / "history.jsonl").exists():

@@ -76,9 +76,9 @@ class RunShell:
         try:
             for line in report.clean_stale(self.dir):
                 self.log(f"  {line}")
-            from duet_jax.config import LOCATION_FIELDS
+            from duet_jax.config import LOCATION_FIELDS, config_diff
 
-            report.init_run_dir(self.dir, self.values, ignore=LOCATION_FIELDS)
+            report.init_run_dir(self.dir, self.values, ignore=LOCATION_FIELDS, diff=config_diff)
             self.history = report.read_history(self.dir)
             self._check_history()
         except BaseException:

@@ -118,6 +118,29 @@ def test_where_files_go_may_change_on_resume_what_is_computed_may_not(all_method
         run(other, moved, **QUIET)
 
 
+def test_a_run_dir_from_before_an_added_option_resumes(all_methods, tmp_path):
+    """A config.json written before a BO option existed (``ADDED_FIELDS``, at its neutral value)
+    is the same run: it resumes (the loop refused it as "another configuration" before), and a
+    real change there is still refused."""
+    from duet_jax.bo.config import ADDED_FIELDS
+    from duet_jax.config import config_diff, from_dict
+
+    cfg, d, summary = all_methods["uniform"]
+    old = tmp_path / "old"
+    shutil.copytree(d, old)
+    values = json.loads((old / "config.json").read_text())
+    values["bo"] = {k: v for k, v in values["bo"].items() if k not in ADDED_FIELDS}
+    (old / "config.json").write_text(json.dumps(values))
+    assert config_diff(values, cfg) == []
+    s = run(cfg, old, **QUIET)  # resumed: every evaluation replayed, none redone
+    assert s["best_feedback"] == summary["best_feedback"] and s["n_evaluations"] == summary["n_evaluations"]
+    values["bo"]["beta"] = values["bo"].get("beta", 1.0) + 1.0
+    assert config_diff(values, cfg) == ["bo"]
+    (old / "config.json").write_text(json.dumps(values))
+    with pytest.raises(ConfigError, match=r"another configuration \(differs in \['bo'\]\)"):
+        run(from_dict({**values, "bo": {**values["bo"], "beta": values["bo"]["beta"] - 1.0}}), old, **QUIET)
+
+
 def test_a_run_on_a_local_file_domain_resumes(tmp_path):
     """Ratios are keyed by the file's stem while the config lists its path: a resume must match
     them (it refused the run as "another run" before)."""
