@@ -163,6 +163,11 @@ def _strip_method(d: dict) -> str:
     return json.dumps({k: (fb if k == "feedback" else v) for k, v in d.items() if k != "method"}, sort_keys=True)
 
 
+class Unbuildable(Exception):
+    """A run whose config this code cannot rebuild exactly: skipped (with its reason), never
+    re-evaluated under another config."""
+
+
 def build_step(run: dict, scratch: Path, built: dict, log=print, ratio: dict | None = None,
                metric: str | None = None):
     """``(step, ratio)``: the local step of ``run``'s own config (whatever warm start, rounds or
@@ -172,6 +177,7 @@ def build_step(run: dict, scratch: Path, built: dict, log=print, ratio: dict | N
     config-without-its-method-and-metric and the feedback per feedback config, so the methods of
     one (setting, seed) share one model, pool and trunk pass."""
     from duet_jax.config import config_hash, from_dict, to_dict
+    from duet_jax.errors import ConfigError
     from duet_jax.loop.feedback import make_feedback
     from duet_jax.loop.local_step import LocalStep
     from duet_jax.loop.methods import METHODS
@@ -179,11 +185,14 @@ def build_step(run: dict, scratch: Path, built: dict, log=print, ratio: dict | N
     from duet_jax.loop.setting import Setting, plan_data
 
     setting, method, seed, variant = run["setting"], run["method"], run["seed"], run.get("variant", "demo")
-    cfg = dataclasses.replace(from_dict(run["config"]), **scratch_locations(scratch, variant, setting, method, seed))
+    where = f"{setting_label(setting, variant)}/{method}/seed{seed}"
+    try:
+        cfg = dataclasses.replace(from_dict(run["config"]), **scratch_locations(scratch, variant, setting, method, seed))
+    except ConfigError as e:  # an option since removed: this code cannot run that config
+        raise Unbuildable(f"{where}: its config no longer builds ({e}); re-evaluating it needs the code it ran with") from e
     if config_hash(cfg) != run["config_hash"]:
-        raise SystemExit(f"{setting_label(setting, variant)}/{method}/seed{seed}: its config does not rebuild "
-                         f"to its hash ({run['config_hash']} vs {config_hash(cfg)}); re-evaluating it would "
-                         "use another config")
+        raise Unbuildable(f"{where}: its config does not rebuild to its hash ({run['config_hash']} vs "
+                          f"{config_hash(cfg)}); re-evaluating it would use another config")
     key = _strip_method(to_dict(cfg))
     if key not in built:
         built.clear()  # one model in memory at a time
@@ -249,6 +258,7 @@ def run_confirm(settings, methods, seeds, variant: str, *, resamples: int = N_RE
     t0 = time.time()
     scratch = scratch or scratch_dir()
     n_run = 0
+    skipped: list[str] = []
     for seed in seeds:
         for setting in settings:
             built: dict = {}  # config without its method -> (Setting, feedbacks): one per seed
@@ -275,7 +285,12 @@ def run_confirm(settings, methods, seeds, variant: str, *, resamples: int = N_RE
                 if max_minutes is not None and time.time() - t0 > 60 * max_minutes:
                     log(f"confirm: --max-minutes {max_minutes} reached; stopping (rerun to continue)")
                     return n_run
-                step, ratio_v = build_step(run, scratch, built, log, ratio, m)
+                try:
+                    step, ratio_v = build_step(run, scratch, built, log, ratio, m)
+                except Unbuildable as e:
+                    log(f"confirm: skipped: {e}")
+                    skipped.append(str(e))
+                    continue
                 if not built.get("replayed"):  # once per Setting built: its code path still the run's
                     own = step if m is None else build_step(run, scratch, built, log)[0]  # the run's metric
                     best_v = np.asarray([run["summary"]["best_ratio"][n] for n in step.setting.names], np.float64)
@@ -299,7 +314,9 @@ def run_confirm(settings, methods, seeds, variant: str, *, resamples: int = N_RE
                     log(f"confirm: {setting_label(setting, variant)}/{method}/seed{seed} ({which}) re-sample {j}: "
                         f"{ev.feedback} (the run's best {run['summary']['best_feedback']:.4f}; "
                         f"{rec['time_s']:.1f} s)")
-    log(f"confirm: done ({n_run} re-samples run now, {time.time() - t0:.0f} s)")
+    log(f"confirm: done ({n_run} re-samples run now, {time.time() - t0:.0f} s)"
+        + (f"; {len(skipped)} run(s) skipped, their configs do not rebuild:\n  " + "\n  ".join(skipped)
+           if skipped else ""))
     return n_run
 
 

@@ -96,6 +96,22 @@ def test_confirm_reproduces_the_run_then_resamples_fresh_and_resumes(finished):
     with pytest.raises(SystemExit, match="metric"):
         confirm.check_lines(confirm.load(apath), run, apath, None, None)  # acc lines are not neg_loss ones
 
+    # a run whose config this code cannot rebuild (an option since removed) is skipped with its
+    # reason; the other runs of the invocation go on
+    import shutil
+
+    res2 = finished / "r2"
+    shutil.copytree(res, res2)
+    old = json.loads(json.dumps(run))
+    old["config"]["bo"]["explore_every"] = 0
+    (res2 / "tiny" / "duet_if" / "seed0.json").write_text(json.dumps(old))
+    with pytest.raises(confirm.Unbuildable, match="no longer builds"):
+        confirm.build_step(old, scratch, {}, log=lambda s: None)
+    said = []
+    assert confirm.run_confirm(["tiny"], ["duet_if", "uniform"], [0], "demo", resamples=3, results=res2,
+                               scratch=scratch, log=said.append) == 0
+    assert any("skipped" in x and "explore_every" in x for x in said)
+
     assert confirm.same_ratio({"a": 0.3, "b": 0.7}, {"a": 0.3 + 1e-16, "b": 0.7})  # rounding only
     assert not confirm.same_ratio({"a": 0.3, "b": 0.7}, {"a": 0.31, "b": 0.69})
 
