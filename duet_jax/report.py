@@ -102,19 +102,22 @@ def _jsonable(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def _differing_keys(a: dict, b: dict) -> list[str]:
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
 def init_run_dir(run_dir: Path, config: dict, *, ignore: tuple[str, ...] = (),
-                 diff: Callable[[dict, dict], list[str]] | None = None) -> None:
+                 differ: Callable[[dict, dict], list[str]] = _differing_keys) -> None:
     """Create the directory and write config.json; an existing run must have the same config
     (but for the top-level keys in ``ignore``: where things are written, not what is computed).
-    ``diff(old, new)``: the differing keys, when "the same" is more than equal dicts (the run
-    config's :func:`duet_jax.config.config_diff`)."""
+    ``differ(old, new)``: the differing top-level keys, when "the same" is more than equal dicts
+    (the run config's :func:`duet_jax.config.config_diff`)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.json"
     if path.exists():
         old = json.loads(path.read_text())
         new = json.loads(json.dumps(config))
-        diff = (diff or (lambda a, b: sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))))(old, new)
-        diff = [k for k in diff if k not in ignore]
+        diff = [k for k in differ(old, new) if k not in ignore]
         if diff:
             raise ConfigError(
                 f"{run_dir} holds a run with another configuration (differs in {diff}); resume it "

@@ -570,6 +570,15 @@ def _metric_of(d: dict) -> str:
     return fb["metric"] + (f" (T {t:g})" if t > 0 else "")
 
 
+def _vs_plain(mine: dict[int, float], plain: dict[int, float]) -> str:
+    """The paired verdict of an ablation's per-seed values against the plain run's, with the
+    per-seed differences."""
+    if not plain:
+        return "no plain run"
+    v, d = _paired(mine, plain)
+    return (f"{v or 'too few seeds'}: " + ", ".join(f"{x:+.4f}" for x in d)) if d else "no common seed"
+
+
 def ablations_section(results: Path, runs: dict | None = None) -> tuple[list[str], bool]:
     """Runs keyed ``METHOD@ABLATION`` against their plain METHOD, seed by seed: on the best feedback
     where both are driven by the same metric, and always on the re-evaluated best told ratio scored
@@ -599,19 +608,12 @@ def ablations_section(results: Path, runs: dict | None = None) -> tuple[list[str
             metric = plain[0]["config"]["feedback"]["metric"] if plain else mine[0]["config"]["feedback"]["metric"]
             same = {d["config"]["feedback"]["metric"] for d in mine} == {metric}
             a, b = _by_seed(mine), _by_seed(plain)
-
-            def vs(x, y):
-                v, diffs = _paired(x, y)
-                if not y:
-                    return "no plain run"
-                return (f"{v or 'too few seeds'}: " + ", ".join(f"{q:+.4f}" for q in diffs)) if diffs else "no common seed"
-
             ra = {d["seed"]: v for d in mine if (v := _reevaluated_on(results, d, metric)) is not None}
             rb = {d["seed"]: v for d in plain if (v := _reevaluated_on(results, d, metric)) is not None}
             out.append(f"| {key} | `{json.dumps(ABLATIONS.get(abl, {}))}` | {_metric_of(mine[0])} | {len(a)} | "
-                       f"{_pm(list(a.values()))} | {vs(a, b) if same else 'other metric'} | "
+                       f"{_pm(list(a.values()))} | {_vs_plain(a, b) if same else 'other metric'} | "
                        f"{_pm(list(ra.values())) + ' (' + metric + ')' if ra else '–'} | "
-                       f"{vs(ra, rb) if ra else 'not re-evaluated'} |")
+                       f"{_vs_plain(ra, rb) if ra else 'not re-evaluated'} |")
         out.append("")
     return out, any_data
 

@@ -299,18 +299,23 @@ class Setting:
         write_npy(path, local_rows(hidden))
         return hidden
 
-    def _trunk_key(self, pool) -> str:
-        """What the trunk's states depend on: the frozen weights below ``start`` (a digest of their
-        values, so a changed checkpoint at the same path misses), the compute dtype, the layer, the
-        backend and the token ids and masks."""
+    def _weights_digest(self) -> str:
+        """A digest of the frozen weights' values (computed once, on device, so sharded weights
+        need no host copy): a changed checkpoint at the same path gives another digest."""
         if "weights_digest" not in self._cache:
             leaves = jax.tree_util.tree_leaves_with_path(self.frozen)
             sums = [jnp.sum(jnp.abs(x.astype(jnp.float32))) for _, x in leaves]
             parts = [f"{jax.tree_util.keystr(k)}:{x.shape}:{x.dtype}:{float(v):.9e}"
                      for (k, x), v in zip(leaves, sums, strict=True)]
             self._cache["weights_digest"] = hashlib.sha256("|".join(parts).encode()).hexdigest()
+        return self._cache["weights_digest"]
+
+    def _trunk_key(self, pool) -> str:
+        """What the trunk's states depend on: the frozen weights below ``start`` (a digest of their
+        values, so a changed checkpoint at the same path misses), the compute dtype, the layer, the
+        backend and the token ids and masks."""
         h = hashlib.sha256()
-        h.update(f"{self._cache['weights_digest']}|{self.config.dtype}|{self.start}|{jax.default_backend()}|"
+        h.update(f"{self._weights_digest()}|{self.config.dtype}|{self.start}|{jax.default_backend()}|"
                  f"{jax.__version__}".encode())
         for a in (pool.input_ids, pool.attention_mask):
             a = np.ascontiguousarray(np.asarray(a))
@@ -403,7 +408,7 @@ class Setting:
             "train": dataclasses.asdict(cfg.train), "influence": dataclasses.asdict(cfg.influence),
             "seed": cfg.seed, "start": self.start, "names": list(self.names),
             "example_ids": [e.id for e in self.pool_examples], "buckets": list(self.encode.bucket_lengths),
-            "weights": params_fingerprint((self.lora0, self.frozen)),
+            "weights": [self._weights_digest(), params_fingerprint(self.lora0)],
             "pools": params_fingerprint((strip(self.pool), np.asarray(self.domain_of), strip(vpool),
                                          np.asarray(vdom), strip(qpool))),
         }

@@ -78,7 +78,7 @@ class RunShell:
                 self.log(f"  {line}")
             from duet_jax.config import LOCATION_FIELDS, config_diff
 
-            report.init_run_dir(self.dir, self.values, ignore=LOCATION_FIELDS, diff=config_diff)
+            report.init_run_dir(self.dir, self.values, ignore=LOCATION_FIELDS, differ=config_diff)
             self.history = report.read_history(self.dir)
             self._check_history()
         except BaseException:
